@@ -1,0 +1,131 @@
+"""Time: the emulated clock's compute side (a roofline of the target machine) and the wall clock.
+
+Policy decisions follow emulated time, so counters do not depend on how fast this machine is or how
+threads interleave. Compute time per layer comes from a roofline over the model's shape
+(FLOPs / peak, bytes / memory bandwidth); `None` in place of a compute model means "as measured here".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+WallClock = Callable[[], float]
+wall_clock: WallClock = time.perf_counter  # the only place under cache/ that reads real time
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the compute model needs to know of a model; replay reads it from a trace's header.
+
+    Attributes:
+        num_layers: decoder layers, MoE or dense.
+        hidden_size: width of the residual stream.
+        kv_dim: key (= value) width per token per layer (kv heads x head dim).
+        dense_params: per decoder layer, every weight except the routed experts (attention, norms,
+            router, dense or shared MLP).
+        head_params: weights of the final norm and the LM head.
+        expert_params: weights of one routed expert.
+        dtype_bytes: bytes per non-expert weight and activation element.
+    """
+
+    num_layers: int
+    hidden_size: int
+    kv_dim: int
+    dense_params: tuple[int, ...]
+    head_params: int
+    expert_params: int
+    dtype_bytes: int
+
+    def __post_init__(self) -> None:
+        if len(self.dense_params) != self.num_layers:
+            raise ValueError(
+                f"dense_params has {len(self.dense_params)} entries; expected one per layer ({self.num_layers})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"dense_params": list(self.dense_params)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelShape:
+        return cls(**{**data, "dense_params": tuple(data["dense_params"])})
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """One forward pass as the compute model sees it (pad tokens excluded).
+
+    Attributes:
+        sequences: sequences in the batch.
+        tokens: new tokens computed in this pass.
+        attended: sum over those tokens of how many positions each attends to.
+        context: sum over sequences of their length after this pass (KV entries read per layer).
+        prefill: whether the pass starts its sequences (no earlier positions cached).
+    """
+
+    sequences: int
+    tokens: int
+    attended: int
+    context: int
+    prefill: bool
+
+    @classmethod
+    def for_sequences(cls, past: list[int], new: list[int]) -> PassInfo:
+        """Build from each sequence's cached length before the pass and its new tokens."""
+        attended = sum(n * p + n * (n + 1) // 2 for p, n in zip(past, new, strict=True))
+        return cls(
+            sequences=len(new),
+            tokens=sum(new),
+            attended=attended,
+            context=sum(past) + sum(new),
+            prefill=not any(past),
+        )
+
+
+class ComputeModel(Protocol):
+    """Emulated compute time of the parts of a forward pass."""
+
+    def dense_s(self, layer: int, step: PassInfo) -> float:
+        """Everything of decoder layer `layer` except its routed experts."""
+        ...
+
+    def expert_s(self, nbytes: int, tokens: int) -> float:
+        """One routed expert (weights `nbytes` long) applied to `tokens` tokens."""
+        ...
+
+    def head_s(self, step: PassInfo) -> float:
+        """The final norm and LM head."""
+        ...
+
+
+class RooflineCompute:
+    """Compute time on a target machine: each kernel takes max(FLOPs / peak, bytes / memory bandwidth)."""
+
+    def __init__(self, shape: ModelShape, peak_flops: float, memory_bandwidth: float) -> None:
+        if peak_flops <= 0 or memory_bandwidth <= 0:
+            raise ValueError(f"peak_flops and memory_bandwidth must be > 0, got {peak_flops}, {memory_bandwidth}")
+        self.shape = shape
+        self._flops = float(peak_flops)
+        self._bandwidth = float(memory_bandwidth)
+
+    def _roofline(self, flops: float, nbytes: float) -> float:
+        return max(flops / self._flops, nbytes / self._bandwidth)
+
+    def dense_s(self, layer: int, step: PassInfo) -> float:
+        """Attention, norms, router and any dense MLP of one decoder layer."""
+        s = self.shape
+        params = s.dense_params[layer]
+        flops = 2.0 * step.tokens * params + 4.0 * s.hidden_size * step.attended
+        nbytes = (params + 2.0 * s.kv_dim * step.context) * s.dtype_bytes
+        return self._roofline(flops, nbytes)
+
+    def expert_s(self, nbytes: int, tokens: int) -> float:
+        """One routed expert applied to `tokens` tokens, its weights `nbytes` long."""
+        return self._roofline(2.0 * tokens * self.shape.expert_params, nbytes)
+
+    def head_s(self, step: PassInfo) -> float:
+        """Final norm and LM head for the last position of each sequence."""
+        s = self.shape
+        return self._roofline(2.0 * step.sequences * s.head_params, s.head_params * s.dtype_bytes)

@@ -1,0 +1,223 @@
+"""The expert cache engine: residency, pins and bytes over `ExpertKey`s; never a tensor.
+
+The same engine runs live (a payload listener moves real tensors as keys enter and leave) and in
+trace replay (no listener). It holds the capacity bound: resident bytes, transfers in flight included,
+never exceed `capacity_bytes`, and a pinned or in-flight expert is never evicted.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from specmd.cache.keys import START, ExpertKey, Tick
+from specmd.cache.policies.base import EvictionPolicy
+
+
+@dataclass(slots=True)
+class Entry:
+    """A resident (or arriving) expert copy."""
+
+    nbytes: int
+    ready_at: float
+    """Emulated time its transfer completes; it is in flight before then."""
+    pins: int = 0
+    prefetch_pass: int | None = None
+    """The pass it was prefetched for, until a request of its layer in that pass uses it."""
+
+
+class CacheListener(Protocol):
+    """Receives the engine's residency changes (the live payload moves tensors on them)."""
+
+    def on_load(self, key: ExpertKey) -> None: ...
+
+    def on_evict(self, key: ExpertKey) -> None: ...
+
+
+class _Candidates:
+    """Evictable keys at one instant: resident, unpinned, transfer complete."""
+
+    __slots__ = ("_entries", "_time")
+
+    def __init__(self, entries: dict[ExpertKey, Entry], time_s: float) -> None:
+        self._entries = entries
+        self._time = time_s
+
+    def __contains__(self, key: object) -> bool:
+        entry = self._entries.get(key)  # type: ignore[call-overload]
+        return entry is not None and not entry.pins and entry.ready_at <= self._time
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        return (k for k, e in self._entries.items() if not e.pins and e.ready_at <= self._time)
+
+
+class ExpertCache:
+    """Residency of expert copies under a byte capacity, with an eviction policy choosing victims.
+
+    `sizes` maps a precision to the bytes of one expert stored at it; `catalog` lists every key that
+    exists (used by `warm`).
+    """
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        eviction: EvictionPolicy,
+        sizes: Mapping[str, int],
+        catalog: Sequence[ExpertKey] = (),
+        listener: CacheListener | None = None,
+    ) -> None:
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+            raise ValueError(f"capacity_bytes must be a positive integer, got {capacity_bytes!r}")
+        self.capacity_bytes = capacity_bytes
+        self.eviction = eviction
+        self.sizes = dict(sizes)
+        self.catalog = tuple(catalog)
+        self.listener = listener
+        self.resident_bytes = 0
+        self.peak_resident_bytes = 0
+        self._entries: dict[ExpertKey, Entry] = {}
+        self._pinned_bytes = 0
+        self._arrivals: list[tuple[float, ExpertKey]] = []  # heap of transfers that may still be in flight
+        self.last_tick = START
+
+    # ---- queries -------------------------------------------------------------------------------
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: ExpertKey) -> Entry | None:
+        """The entry of `key`, or None when it is not resident."""
+        return self._entries.get(key)
+
+    def resident(self) -> list[ExpertKey]:
+        """Every resident key (in-flight ones included), in insertion order."""
+        return list(self._entries)
+
+    def nbytes(self, key: ExpertKey) -> int:
+        """Bytes of `key`'s copy at its precision."""
+        return self.sizes[key.precision]
+
+    def next_arrival(self, after: float) -> float | None:
+        """The earliest completion time, later than `after`, of a transfer still in flight."""
+        arrivals = self._arrivals
+        while arrivals:
+            ready_at, key = arrivals[0]
+            entry = self._entries.get(key)
+            if ready_at > after and entry is not None and entry.ready_at == ready_at:
+                return ready_at
+            heapq.heappop(arrivals)
+        return None
+
+    # ---- pins and accesses ---------------------------------------------------------------------
+    def pin(self, key: ExpertKey) -> None:
+        """Protect `key` from eviction until the matching `unpin`."""
+        entry = self._entries[key]
+        if not entry.pins:
+            self._pinned_bytes += entry.nbytes
+        entry.pins += 1
+
+    def unpin(self, key: ExpertKey) -> None:
+        entry = self._entries[key]
+        if entry.pins <= 0:
+            raise RuntimeError(f"unpin of {key} which is not pinned")
+        entry.pins -= 1
+        if not entry.pins:
+            self._pinned_bytes -= entry.nbytes
+
+    def touch(self, key: ExpertKey, now: Tick) -> None:
+        """Tell the eviction policy that resident `key` was requested."""
+        self.last_tick = now
+        self.eviction.on_access(key, now)
+
+    # ---- admission and eviction ----------------------------------------------------------------
+    def _unavailable_bytes(self, time_s: float) -> int:
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0] <= time_s:  # emulated time never goes back: these have landed
+            heapq.heappop(arrivals)
+        in_flight = 0
+        for ready_at, key in arrivals:
+            entry = self._entries.get(key)
+            if entry is not None and entry.ready_at == ready_at and ready_at > time_s and not entry.pins:
+                in_flight += entry.nbytes
+        return self._pinned_bytes + in_flight
+
+    def make_room(self, nbytes: int, now: Tick) -> list[ExpertKey] | None:
+        """Evict (per policy) until `nbytes` more fit; return the evicted keys, or None if they cannot fit now.
+
+        None leaves the cache untouched: pinned and in-flight experts hold too many bytes.
+        """
+        self.last_tick = now
+        excess = self.resident_bytes + nbytes - self.capacity_bytes
+        if excess <= 0:
+            return []
+        if self.resident_bytes - self._unavailable_bytes(now.time_s) < excess:
+            return None
+        candidates = _Candidates(self._entries, now.time_s)
+        evicted: list[ExpertKey] = []
+        while self.resident_bytes + nbytes > self.capacity_bytes:
+            victim = self.eviction.choose_victim(candidates, now)
+            if victim not in candidates:
+                raise RuntimeError(
+                    f"{type(self.eviction).__name__} chose {victim}, which is not evictable now "
+                    "(not resident, pinned or in flight)"
+                )
+            self._remove(victim)
+            evicted.append(victim)
+        return evicted
+
+    def insert(
+        self,
+        key: ExpertKey,
+        now: Tick,
+        ready_at: float,
+        *,
+        pinned: bool = False,
+        prefetch_pass: int | None = None,
+    ) -> None:
+        """Admit `key`, arriving at emulated time `ready_at`; room must have been made."""
+        nbytes = self.sizes[key.precision]
+        if key in self._entries:
+            raise RuntimeError(f"{key} is already resident")
+        if self.resident_bytes + nbytes > self.capacity_bytes:
+            raise RuntimeError(f"inserting {key} ({nbytes} B) would exceed the capacity; make room first")
+        self.last_tick = now
+        self._entries[key] = Entry(nbytes=nbytes, ready_at=ready_at, prefetch_pass=prefetch_pass)
+        self.resident_bytes += nbytes
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        if pinned:
+            self.pin(key)
+        if ready_at > now.time_s:
+            heapq.heappush(self._arrivals, (ready_at, key))
+        self.eviction.on_insert(key, now)
+        if self.listener is not None:
+            self.listener.on_load(key)
+
+    def _remove(self, key: ExpertKey) -> None:
+        if self.listener is not None:
+            self.listener.on_evict(key)  # before removal, so the listener sees the entry it loses
+        self.resident_bytes -= self._entries.pop(key).nbytes
+
+    def warm(self, keys: Iterable[ExpertKey] | None = None) -> int:
+        """Preload `keys` (default: the catalog, layer by layer) while they fit without evicting.
+
+        Warm copies are ready at once and are not counted as transfers. Returns how many were loaded.
+        """
+        loaded = 0
+        for key in self.catalog if keys is None else keys:
+            if key.precision not in self.sizes:
+                raise ValueError(f"{key} has precision {key.precision!r}; this cache stores {sorted(self.sizes)}")
+            if key in self._entries:
+                continue
+            if self.resident_bytes + self.sizes[key.precision] > self.capacity_bytes:
+                continue
+            self.insert(key, self.last_tick, ready_at=self.last_tick.time_s)
+            loaded += 1
+        return loaded
+
+    def reset_peak(self) -> None:
+        """Restart peak tracking from the bytes resident now."""
+        self.peak_resident_bytes = self.resident_bytes

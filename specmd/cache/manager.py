@@ -1,0 +1,300 @@
+"""The per-layer algorithm (SpecMD's Algorithm 1), driven the same way live and in trace replay.
+
+For each MoE layer of each forward pass: look every requested expert up (hit, late prefetch or miss),
+pin what the layer uses, queue the prefetch policy's picks for the next MoE layer, fetch the misses
+(demand transfers go ahead of queued prefetches), and compute the experts in the order their data
+arrives, unpinning each when done. When the layer needs more experts than fit, experts stream through
+the cache: computing one unpins it, so the next can evict it.
+
+Everything happens on the emulated clock, a small discrete-event simulation: events are the layer's
+start and each expert's completion. Queued prefetches start at an event when the link is idle and room
+can be made without touching pinned or arriving experts. Compute time comes from the compute model
+(or is measured here when it is None). Counters therefore do not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from specmd.cache.clock import ComputeModel, PassInfo, WallClock, wall_clock
+from specmd.cache.engine import ExpertCache
+from specmd.cache.keys import ExpertKey, Tick
+from specmd.cache.policies.base import RoutePrediction
+from specmd.cache.policies.spec import Policies
+from specmd.cache.stats import CacheStats, StatsRecorder
+from specmd.cache.transfer import EmulatedLink
+
+
+class Payload(Protocol):
+    """The live side: runs an expert's computation on real tensors."""
+
+    def compute(self, key: ExpertKey, job: Any) -> float:
+        """Run `key`'s expert for the layer's tokens (waiting for its copy); return compute wall seconds."""
+        ...
+
+    def check(self) -> None:
+        """Raise any error a background transfer hit."""
+        ...
+
+
+class CacheManager:
+    """Runs forward passes layer by layer against an `ExpertCache` under the emulated clock.
+
+    Call `begin_pass`, then `run_layer` for each MoE layer in order, then `end_pass`. `requests` maps
+    each expert the layer's real tokens were routed to onto how many tokens chose it.
+    """
+
+    def __init__(
+        self,
+        cache: ExpertCache,
+        policies: Policies,
+        link: EmulatedLink,
+        compute: ComputeModel | None,
+        *,
+        precision: str,
+        moe_layers: Sequence[int],
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        payload: Payload | None = None,
+        wall: WallClock = wall_clock,
+    ) -> None:
+        if compute is None and payload is None:
+            raise ValueError("measured compute time needs a live model; give a compute model to replay")
+        if precision not in cache.sizes:
+            raise ValueError(f"precision {precision!r} is not stored; stored: {sorted(cache.sizes)}")
+        self.cache = cache
+        self.policies = policies
+        self.link = link
+        self.compute = compute
+        self.precision = precision
+        self.moe_layers = tuple(moe_layers)
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.payload = payload
+        self.wall = wall
+        self.stats = StatsRecorder(self.moe_layers)
+        self._next_moe = dict(zip(self.moe_layers, (*self.moe_layers[1:], None), strict=True))
+        self.pass_idx = 0
+        self.step = 0
+        self.time = 0.0
+        self._in_pass = False
+        self._pass: PassInfo | None = None
+        self._cursor = -1  # last decoder layer whose dense compute is on the clock
+        self._pass_start = 0.0
+        self._wall_start = 0.0
+        self._wall_mark = 0.0
+        self._evicted_in_pass: set[ExpertKey] = set()
+        self._queue: deque[tuple[ExpertKey, int]] = deque()  # (key, pass it is for), not yet on the link
+        self._queued: set[ExpertKey] = set()
+
+    @property
+    def wants_predictions(self) -> bool:
+        """Whether `run_layer` should be given the next layer's predicted router logits."""
+        return self.policies.prefetch.needs_logits
+
+    # ---- passes --------------------------------------------------------------------------------
+    def begin_pass(self, info: PassInfo) -> None:
+        """Start a forward pass (a prefill or one decode step)."""
+        if self._in_pass:
+            raise RuntimeError("begin_pass called while a pass is running; end or abort it first")
+        self.pass_idx += 1
+        self._pass = info
+        self._cursor = -1
+        self._evicted_in_pass.clear()
+        self._queue.clear()
+        self._queued.clear()
+        self._pass_start = self.time
+        self._wall_start = self._wall_mark = self.wall()
+        self._in_pass = True
+
+    def end_pass(self) -> None:
+        """Finish the pass: the remaining layers' dense compute and the head go on the clock."""
+        info = self._require_pass()
+        t = self._advance_dense(self.num_layers - 1)
+        if self.compute is not None:
+            t += self.compute.head_s(info)
+        self.time = t
+        self.stats.record_pass(info.prefill, info.sequences, t - self._pass_start, self.wall() - self._wall_start)
+        self._in_pass = False
+
+    def abort_pass(self) -> None:
+        """Abandon a pass that raised: release its pins and prefetch queue; record nothing."""
+        for key in self.cache.resident():
+            entry = self.cache.get(key)
+            while entry is not None and entry.pins:
+                self.cache.unpin(key)
+        self._queue.clear()
+        self._queued.clear()
+        self._in_pass = False
+
+    def _require_pass(self) -> PassInfo:
+        if not self._in_pass or self._pass is None:
+            raise RuntimeError("no forward pass is running; call begin_pass first")
+        return self._pass
+
+    def _advance_dense(self, layer: int) -> float:
+        """The clock after the dense compute of decoder layers up to `layer`."""
+        info = self._require_pass()
+        if self.compute is None:
+            t = self.time + (self.wall() - self._wall_mark)
+        else:
+            t = self.time + sum(self.compute.dense_s(i, info) for i in range(self._cursor + 1, layer + 1))
+        self._cursor = max(self._cursor, layer)
+        return t
+
+    def _tick(self, layer: int, t: float) -> Tick:
+        return Tick(self.step, self.pass_idx, layer, t)
+
+    # ---- one MoE layer -------------------------------------------------------------------------
+    def run_layer(
+        self,
+        layer: int,
+        requests: Mapping[int, int],
+        predicted: Sequence[Sequence[float]] | None = None,
+        job: Any = None,
+    ) -> None:
+        """Serve layer `layer`'s requests (expert -> tokens), prefetching from `predicted` next-layer logits."""
+        if self.payload is not None:
+            self.payload.check()
+        t = self._advance_dense(layer)
+        self.step += 1
+        tick = self._tick(layer, t)
+        cache = self.cache
+        counters = self.stats.layers[layer]
+        self._drop_queued(layer)
+
+        ready: list[tuple[float, int, ExpertKey]] = []  # pinned for this layer: (ready at, expert, key)
+        pending: deque[ExpertKey] = deque()  # misses waiting for room
+        for expert in sorted(requests):
+            key = ExpertKey(layer, expert, self.precision)
+            counters.requests += 1
+            entry = cache.get(key)
+            if entry is None:
+                action = self.policies.miss.on_miss(key, tick)
+                key = key._replace(precision=action.precision)
+                counters.misses += 1
+                if key in self._evicted_in_pass:
+                    counters.collision_misses += 1
+                pending.append(key)
+                continue
+            if entry.ready_at <= t:
+                counters.hits += 1
+            else:
+                counters.late_prefetches += 1
+            if entry.prefetch_pass == self.pass_idx:
+                counters.prefetches_used += 1
+                entry.prefetch_pass = None
+            cache.pin(key)
+            cache.touch(key, tick)
+            heapq.heappush(ready, (entry.ready_at, expert, key))
+
+        following = self._next_moe[layer]
+        if predicted is not None and following is not None:
+            self._enqueue_prefetches(RoutePrediction(following, self.top_k, predicted), tick)
+
+        stall = 0.0
+        while pending or ready:
+            while pending:
+                key = pending[0]
+                nbytes = cache.nbytes(key)
+                evicted = cache.make_room(nbytes, tick)
+                if evicted is None:
+                    break  # pinned and arriving experts fill the cache: compute some first
+                self._note_evictions(evicted)
+                _, finish = self.link.schedule(nbytes, t)
+                cache.insert(key, tick, finish, pinned=True)
+                counters.bytes_transferred += nbytes
+                self.stats.fetches_by_precision[key.precision] += 1
+                heapq.heappush(ready, (finish, key.expert, key))
+                pending.popleft()
+            if not ready:
+                arrival = cache.next_arrival(t)
+                if arrival is None:
+                    raise RuntimeError(
+                        f"cannot make room for {pending[0]} ({cache.nbytes(pending[0])} B) in a cache of "
+                        f"{cache.capacity_bytes} B"
+                    )
+                stall += arrival - t  # wait for a prefetch to land so it can be evicted
+                t = arrival
+                tick = self._tick(layer, t)
+                continue
+            if not pending:
+                self._pump(tick)
+            ready_at, expert, key = heapq.heappop(ready)
+            if ready_at > t:
+                stall += ready_at - t
+                t = ready_at
+            measured = self.payload.compute(key, job) if self.payload is not None else 0.0
+            if self.compute is None:
+                t += measured
+            else:
+                t += self.compute.expert_s(cache.nbytes(key), requests[expert])
+            cache.unpin(key)
+            tick = self._tick(layer, t)
+        self._pump(tick)
+        counters.stall_s += stall
+        self.time = t
+        self._wall_mark = self.wall()
+
+    # ---- prefetch queue ------------------------------------------------------------------------
+    def _enqueue_prefetches(self, route: RoutePrediction, tick: Tick) -> None:
+        for expert in self.policies.prefetch.on_route(route, tick):
+            if not (isinstance(expert, int) and 0 <= expert < self.num_experts):
+                raise ValueError(
+                    f"{type(self.policies.prefetch).__name__} asked for expert {expert!r}; "
+                    f"layer {route.layer} has experts 0..{self.num_experts - 1}"
+                )
+            key = ExpertKey(route.layer, expert, self.precision)
+            if key not in self.cache and key not in self._queued:
+                self._queue.append((key, self.pass_idx))
+                self._queued.add(key)
+
+    def _drop_queued(self, layer: int) -> None:
+        """Prefetches not yet started when their layer begins are abandoned (a request becomes a miss)."""
+        if self._queue and any(key.layer <= layer for key, _ in self._queue):
+            kept = [(key, p) for key, p in self._queue if key.layer > layer]
+            self._queue = deque(kept)
+            self._queued = {key for key, _ in kept}
+
+    def _pump(self, tick: Tick) -> None:
+        """Start queued prefetches while the link is idle at `tick` and room can be made."""
+        cache, queue = self.cache, self._queue
+        while queue and self.link.busy_until <= tick.time_s:
+            key, target_pass = queue[0]
+            if key in cache:
+                queue.popleft()
+                self._queued.discard(key)
+                continue
+            nbytes = cache.nbytes(key)
+            evicted = cache.make_room(nbytes, tick)
+            if evicted is None:
+                return  # blocked until pins are released
+            queue.popleft()
+            self._queued.discard(key)
+            self._note_evictions(evicted)
+            _, finish = self.link.schedule(nbytes, tick.time_s)
+            cache.insert(key, tick, finish, prefetch_pass=target_pass)
+            counters = self.stats.layers[key.layer]
+            counters.prefetches_issued += 1
+            counters.bytes_transferred += nbytes
+            self.stats.fetches_by_precision[key.precision] += 1
+
+    def _note_evictions(self, evicted: list[ExpertKey]) -> None:
+        for key in evicted:
+            self.stats.layers[key.layer].evictions += 1
+            self._evicted_in_pass.add(key)
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def snapshot(self) -> CacheStats:
+        """The counters so far."""
+        return self.stats.snapshot(self.cache.peak_resident_bytes, self.cache.capacity_bytes)
+
+    def reset_stats(self) -> None:
+        """Zero the counters; the cache keeps its contents and the clock runs on."""
+        self.stats.reset()
+        self.cache.reset_peak()

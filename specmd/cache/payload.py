@@ -1,0 +1,71 @@
+"""The live payload: the tensors behind the engine's keys.
+
+The engine tells it when a key enters (take an arena slot, have the watchdog copy the expert in from
+the store) and leaves (free the slot); the manager asks it to compute an expert, which first waits
+for that expert's copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from specmd.cache.arena import SlotArena
+from specmd.cache.clock import WallClock, wall_clock
+from specmd.cache.keys import ExpertKey
+from specmd.cache.prefetcher import Ticket, Watchdog
+from specmd.cache.store import RamStore
+from specmd.quant.formats import ExpertFormat, ExpertShape, Weights
+
+
+@dataclass(slots=True)
+class _Slot:
+    index: int
+    ticket: Ticket
+    buffer: Any
+    weights: Weights | None = None
+
+
+class LivePayload:
+    """Moves experts from a `RamStore` into a `SlotArena` and runs them (a `CacheListener` and `Payload`)."""
+
+    def __init__(
+        self,
+        store: RamStore,
+        arena: SlotArena,
+        watchdog: Watchdog,
+        formats: Mapping[str, ExpertFormat],
+        shape: ExpertShape,
+        wall: WallClock = wall_clock,
+    ) -> None:
+        self.store = store
+        self.arena = arena
+        self.watchdog = watchdog
+        self.formats = dict(formats)
+        self.shape = shape
+        self.wall = wall
+        self._slots: dict[ExpertKey, _Slot] = {}
+
+    def on_load(self, key: ExpertKey) -> None:
+        source = self.store[key]
+        index, slot = self.arena.acquire()
+        destination = slot[: source.numel()]
+        self._slots[key] = _Slot(index, self.watchdog.submit(destination, source), destination)
+
+    def on_evict(self, key: ExpertKey) -> None:
+        # A copy still running into this slot finishes before any later copy (the watchdog is FIFO).
+        self.arena.release(self._slots.pop(key).index)
+
+    def compute(self, key: ExpertKey, job: Any) -> float:
+        slot = self._slots[key]
+        fmt = self.formats[key.precision]
+        if slot.weights is None:
+            slot.ticket.wait()
+            slot.weights = fmt.unpack(slot.buffer, self.shape)
+        start = self.wall()
+        job.compute(key.expert, slot.weights, fmt)
+        return self.wall() - start
+
+    def check(self) -> None:
+        self.watchdog.check()

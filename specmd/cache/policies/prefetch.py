@@ -1,0 +1,43 @@
+"""Prefetch policies: which experts of the next MoE layer to load while this one computes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from specmd.cache.keys import Tick
+from specmd.cache.policies.base import PrefetchPolicy, RoutePrediction
+from specmd.cache.policies.spec import register_prefetch
+
+
+@register_prefetch("none")
+class NoPrefetch(PrefetchPolicy):
+    """No prefetching: every expert is loaded on demand."""
+
+    needs_logits = False
+
+    def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
+        return ()
+
+
+@register_prefetch("topk")
+class TopK(PrefetchPolicy):
+    """Top-k: per token, the next layer's k highest predicted experts, k = the model's top-k x `overfetch`.
+
+    The prediction is the next MoE layer's router applied to this layer's input. The union over the
+    pass's tokens is returned, highest predicted logit first; ``ceil`` rounds a fractional k up.
+    """
+
+    def __init__(self, overfetch: float = 1.0) -> None:
+        if isinstance(overfetch, bool) or not isinstance(overfetch, int | float) or not overfetch > 0:
+            raise ValueError(f"topk overfetch must be a number > 0, got {overfetch!r}")
+        self.overfetch = float(overfetch)
+
+    def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
+        best: dict[int, float] = {}
+        for row in route.logits:
+            k = min(len(row), math.ceil(route.top_k * self.overfetch))
+            for expert in sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]:
+                if row[expert] > best.get(expert, -math.inf):
+                    best[expert] = row[expert]
+        return sorted(best, key=lambda e: (-best[e], e))

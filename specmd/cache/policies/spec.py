@@ -1,0 +1,230 @@
+"""Policy names: the registry, and `PolicySpec`, a policy mix written as text, a dict or objects.
+
+A mix is written in the paper's Table 1 order, ``prefetch/eviction/miss/routing``, e.g.
+``"topk:overfetch=1.5/least-stale/fetch/standard"``; parameters follow a part's name after ``:``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from specmd.cache.policies.base import EvictionPolicy, MissPolicy, PrefetchPolicy, RoutingPolicy
+
+KINDS = ("prefetch", "eviction", "miss", "routing")
+_BASES: dict[str, type] = {
+    "prefetch": PrefetchPolicy,
+    "eviction": EvictionPolicy,
+    "miss": MissPolicy,
+    "routing": RoutingPolicy,
+}
+_REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+_ALIASES: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+
+DEFAULT_POLICY = "topk/least-stale/fetch/standard"
+
+T = TypeVar("T", bound=type)
+
+
+def register(kind: str, name: str, *aliases: str) -> Callable[[T], T]:
+    """Class decorator: make a policy class available under `name` (and `aliases`) for its kind."""
+
+    def decorate(cls: T) -> T:
+        if not issubclass(cls, _BASES[kind]):
+            raise TypeError(f"{cls.__name__} must subclass {_BASES[kind].__name__} to be a {kind} policy")
+        for label in (name, *aliases):
+            if label in _REGISTRY[kind] or label in _ALIASES[kind]:
+                raise ValueError(f"{kind} policy name {label!r} is already registered")
+        _REGISTRY[kind][name] = cls
+        for alias in aliases:
+            _ALIASES[kind][alias] = name
+        return cls
+
+    return decorate
+
+
+def register_prefetch(name: str, *aliases: str) -> Callable[[T], T]:
+    return register("prefetch", name, *aliases)
+
+
+def register_eviction(name: str, *aliases: str) -> Callable[[T], T]:
+    return register("eviction", name, *aliases)
+
+
+def register_miss(name: str, *aliases: str) -> Callable[[T], T]:
+    return register("miss", name, *aliases)
+
+
+def register_routing(name: str, *aliases: str) -> Callable[[T], T]:
+    return register("routing", name, *aliases)
+
+
+def names(kind: str) -> list[str]:
+    """Registered names of `kind`, each with its aliases in brackets (as error messages list them)."""
+    listed = []
+    for name in _REGISTRY[kind]:
+        aliases = [a for a, target in _ALIASES[kind].items() if target == name]
+        listed.append(f"{name} ({', '.join(aliases)})" if aliases else name)
+    return listed
+
+
+def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
+    """(kind, name, aliases, one-line description) of every registered policy."""
+    rows = []
+    for kind in KINDS:
+        for name, cls in _REGISTRY[kind].items():
+            aliases = tuple(a for a, target in _ALIASES[kind].items() if target == name)
+            doc = (inspect.getdoc(cls) or "").splitlines()
+            rows.append((kind, name, aliases, doc[0] if doc else ""))
+    return rows
+
+
+def canonical_name(kind: str, name: str) -> str:
+    """Resolve an alias; a name that is not registered is a ValueError listing the valid ones."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown policy kind {kind!r}; the kinds are {', '.join(KINDS)}")
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key in _REGISTRY[kind]:
+        return key
+    if key in _ALIASES[kind]:
+        return _ALIASES[kind][key]
+    raise ValueError(f"unknown {kind} policy {name!r}; valid {kind} policies: {', '.join(names(kind))}")
+
+
+def create(kind: str, name: str, params: Mapping[str, Any] | None = None) -> Any:
+    """A new policy object of `kind` registered as `name`, built with `params`."""
+    cls = _REGISTRY[kind][canonical_name(kind, name)]
+    params = dict(params or {})
+    allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{kind} policy {name!r} has no parameter {unknown[0]!r}; "
+            f"its parameters: {', '.join(allowed) if allowed else 'none'}"
+        )
+    return cls(**params)
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    """One part of a mix: a registered name with parameters, or a ready policy object."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    instance: Any = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.params)
+
+    @classmethod
+    def parse(cls, kind: str, value: Any) -> PolicyChoice:
+        """Read a part given as 'name', 'name:k=v,...', (name, params), {'name', 'params'} or an object."""
+        if isinstance(value, _BASES[kind]):
+            label = next((n for n, c in _REGISTRY[kind].items() if c is type(value)), type(value).__name__)
+            return cls(name=label, instance=value)
+        if isinstance(value, str):
+            name, _, arg_text = value.partition(":")
+            params: dict[str, Any] = {}
+            for item in filter(None, (a.strip() for a in arg_text.split(","))):
+                key, eq, raw = item.partition("=")
+                if not eq:
+                    raise ValueError(f"{kind} policy parameter {item!r} must look like name=value")
+                params[key.strip()] = _literal(raw.strip())
+        elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+            name, params = value[0], dict(value[1])
+        elif isinstance(value, Mapping) and "name" in value:
+            name, params = value["name"], dict(value.get("params") or {})
+        else:
+            raise ValueError(
+                f"{kind} policy {value!r} is not a name, 'name:k=v', (name, params), "
+                f"{{'name': ..., 'params': ...}} or a {_BASES[kind].__name__} object"
+            )
+        choice = cls(name=canonical_name(kind, name), params=tuple(sorted(params.items())))
+        create(kind, choice.name, params)  # fail now, before any model loads, on bad parameters
+        return choice
+
+    def build(self, kind: str) -> Any:
+        return self.instance if self.instance is not None else create(kind, self.name, dict(self.params))
+
+
+@dataclass(frozen=True)
+class Policies:
+    """Live policy objects for one cache."""
+
+    prefetch: PrefetchPolicy
+    eviction: EvictionPolicy
+    miss: MissPolicy
+    routing: RoutingPolicy
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A full policy mix: which prefetch, eviction, miss and routing policy, with parameters.
+
+    Attributes:
+        prefetch: what to load ahead of a layer (`specmd policies` lists the names).
+        eviction: which resident expert leaves when room is needed.
+        miss: what a miss does (fetch, and later lower precisions, drop, substitute).
+        routing: whether routing may lean toward resident experts.
+    """
+
+    prefetch: PolicyChoice
+    eviction: PolicyChoice
+    miss: PolicyChoice
+    routing: PolicyChoice
+    version: ClassVar[int] = 1
+
+    @classmethod
+    def parse(cls, value: str | Mapping[str, Any] | PolicySpec | None) -> PolicySpec:
+        """Read a mix from 'prefetch/eviction/miss/routing', a dict of parts, or a PolicySpec."""
+        if isinstance(value, PolicySpec):
+            return value
+        if value is None:
+            value = DEFAULT_POLICY
+        if isinstance(value, str):
+            parts = value.split("/")
+            if len(parts) != len(KINDS):
+                raise ValueError(
+                    f"policy {value!r} must have {len(KINDS)} parts, 'prefetch/eviction/miss/routing' "
+                    f"(e.g. {DEFAULT_POLICY!r})"
+                )
+            given: Mapping[str, Any] = dict(zip(KINDS, parts, strict=True))
+        elif isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(KINDS))
+            if unknown:
+                raise ValueError(f"policy dict has unknown part {unknown[0]!r}; the parts are {', '.join(KINDS)}")
+            given = value
+        else:
+            raise ValueError(f"policy must be a 'prefetch/eviction/miss/routing' string or a dict, got {value!r}")
+        defaults = dict(zip(KINDS, DEFAULT_POLICY.split("/"), strict=True))
+        return cls(**{kind: PolicyChoice.parse(kind, given.get(kind, defaults[kind])) for kind in KINDS})
+
+    def __str__(self) -> str:
+        return "/".join(str(getattr(self, kind)) for kind in KINDS)
+
+    def build(self) -> Policies:
+        """New policy objects (policy objects passed in are used as they are: one cache each)."""
+        return Policies(**{kind: getattr(self, kind).build(kind) for kind in KINDS})
+
+    def to_dict(self) -> dict[str, Any]:
+        parts = {kind: {"name": getattr(self, kind).name, "params": dict(getattr(self, kind).params)} for kind in KINDS}
+        return {"version": self.version, **parts}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PolicySpec:
+        version = data.get("version", cls.version)
+        if version != cls.version:
+            raise ValueError(f"policy spec version {version} is not supported (this specmd reads {cls.version})")
+        return cls.parse({kind: data[kind] for kind in KINDS if kind in data})

@@ -1,0 +1,142 @@
+"""Cache metrics: plain counters while running, and `CacheStats`, the snapshot users read.
+
+Definitions (DESIGN §5): a *request* is one distinct (pass, layer, expert) the routing asks for. A
+*hit* is resident and ready at request time; a *late prefetch* is in flight then (compute stalls for the
+rest); a *miss* is neither. A *collision miss* is a miss on an expert evicted earlier in the same
+forward pass. Prefetch *precision* = prefetched experts requested in their target layer / prefetches
+issued; *recall* = requests served by a prefetch / requests. *Stall* is emulated time compute waited on
+transfers. *TTFT* is the emulated time of a prefill pass (mean over prefills); *tokens/s* is decode
+tokens / decode emulated time; the wall-clock versions sit beside them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+@dataclass(slots=True)
+class LayerCounters:
+    """Counters of one MoE layer."""
+
+    layer: int
+    requests: int = 0
+    hits: int = 0
+    late_prefetches: int = 0
+    misses: int = 0
+    collision_misses: int = 0
+    prefetches_issued: int = 0
+    prefetches_used: int = 0
+    evictions: int = 0
+    drops: int = 0
+    substitutions: int = 0
+    bytes_transferred: int = 0
+    stall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["hit_rate"] = _ratio(self.hits, self.requests)
+        data["prefetch_precision"] = _ratio(self.prefetches_used, self.prefetches_issued)
+        data["prefetch_recall"] = _ratio(self.prefetches_used, self.requests)
+        return data
+
+
+_SUMMED = [f.name for f in fields(LayerCounters) if f.name != "layer"]
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """The metrics of a live run or a replay, with the same fields either way (see module docstring).
+
+    Per-layer counters are in `per_layer`, one dict per MoE layer, ordered by layer.
+    """
+
+    requests: int
+    hits: int
+    late_prefetches: int
+    misses: int
+    collision_misses: int
+    hit_rate: float
+    prefetches_issued: int
+    prefetches_used: int
+    prefetch_precision: float
+    prefetch_recall: float
+    evictions: int
+    drops: int
+    substitutions: int
+    bytes_transferred: int
+    fetches_by_precision: dict[str, int]
+    stall_s: float
+    ttft_s: float
+    tokens_per_s: float
+    wall_ttft_s: float
+    wall_tokens_per_s: float
+    prefill_passes: int
+    decode_passes: int
+    decode_tokens: int
+    emulated_time_s: float
+    peak_resident_bytes: int
+    capacity_bytes: int
+    per_layer: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+
+class StatsRecorder:
+    """Accumulates counters per MoE layer and per pass; `snapshot` turns them into `CacheStats`."""
+
+    def __init__(self, layers: Iterable[int]) -> None:
+        self._layer_ids = tuple(layers)
+        self.reset()
+
+    def reset(self) -> None:
+        self.layers = {layer: LayerCounters(layer) for layer in self._layer_ids}
+        self.fetches_by_precision: Counter[str] = Counter()
+        self.prefill_passes = 0
+        self.prefill_s = 0.0
+        self.prefill_wall_s = 0.0
+        self.decode_passes = 0
+        self.decode_tokens = 0
+        self.decode_s = 0.0
+        self.decode_wall_s = 0.0
+
+    def record_pass(self, prefill: bool, sequences: int, emulated_s: float, wall_s: float) -> None:
+        if prefill:
+            self.prefill_passes += 1
+            self.prefill_s += emulated_s
+            self.prefill_wall_s += wall_s
+        else:
+            self.decode_passes += 1
+            self.decode_tokens += sequences
+            self.decode_s += emulated_s
+            self.decode_wall_s += wall_s
+
+    def snapshot(self, peak_resident_bytes: int, capacity_bytes: int) -> CacheStats:
+        per_layer = [self.layers[layer] for layer in self._layer_ids]
+        total = {name: sum(getattr(c, name) for c in per_layer) for name in _SUMMED}
+        return CacheStats(
+            **total,
+            hit_rate=_ratio(total["hits"], total["requests"]),
+            prefetch_precision=_ratio(total["prefetches_used"], total["prefetches_issued"]),
+            prefetch_recall=_ratio(total["prefetches_used"], total["requests"]),
+            fetches_by_precision=dict(self.fetches_by_precision),
+            ttft_s=_ratio(self.prefill_s, self.prefill_passes),
+            tokens_per_s=_ratio(self.decode_tokens, self.decode_s),
+            wall_ttft_s=_ratio(self.prefill_wall_s, self.prefill_passes),
+            wall_tokens_per_s=_ratio(self.decode_tokens, self.decode_wall_s),
+            prefill_passes=self.prefill_passes,
+            decode_passes=self.decode_passes,
+            decode_tokens=self.decode_tokens,
+            emulated_time_s=self.prefill_s + self.decode_s,
+            peak_resident_bytes=peak_resident_bytes,
+            capacity_bytes=capacity_bytes,
+            per_layer=[c.to_dict() for c in per_layer],
+        )

@@ -1,0 +1,1 @@
+"""Simulation support: hardware profiles for the emulated clock."""
