@@ -1,0 +1,8 @@
+"""Offloaded MoE models: one shared mixin, one small file per architecture."""
+
+from specmd.offload_models.auto import AutoOffloadForCausalLM
+from specmd.offload_models.base import MoEArch, OffloadMixin
+from specmd.offload_models.olmoe import OffloadOLMoE
+from specmd.offload_models.options import OffloadOptions
+
+__all__ = ["AutoOffloadForCausalLM", "MoEArch", "OffloadMixin", "OffloadOLMoE", "OffloadOptions"]

@@ -1,0 +1,33 @@
+"""`AutoOffloadForCausalLM`: picks the offloaded class from a checkpoint's `model_type`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import AutoConfig
+
+from specmd.offload_models.olmoe import OffloadOLMoE
+
+OFFLOAD_CLASSES: dict[str, type] = {cls.arch.model_type: cls for cls in (OffloadOLMoE,)}
+
+
+class AutoOffloadForCausalLM:
+    """Loads any supported MoE checkpoint into its offloaded class."""
+
+    @classmethod
+    def class_for(cls, model_type: str | None) -> type:
+        """The offloaded class for `model_type`; an unsupported one is a ValueError listing the supported."""
+        if model_type not in OFFLOAD_CLASSES:
+            raise ValueError(
+                f"model type {model_type!r} is not supported by specmd; supported: {', '.join(OFFLOAD_CLASSES)}"
+            )
+        return OFFLOAD_CLASSES[model_type]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """Read the checkpoint's config, then load it with the matching class's `from_pretrained`."""
+        hub = {k: kwargs[k] for k in ("revision", "subfolder", "cache_dir", "token") if kwargs.get(k) is not None}
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        offload_cls = cls.class_for(getattr(config, "model_type", None))
+        return offload_cls.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)

@@ -1,0 +1,310 @@
+"""The mixin every offloaded architecture shares: expert swap, loading, the pass scope, stats and close.
+
+An architecture file declares an `MoEArch` and mixes `OffloadMixin` into the transformers class.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PretrainedConfig
+
+from specmd.cache.arena import SlotArena
+from specmd.cache.clock import ModelShape, RooflineCompute
+from specmd.cache.engine import ExpertCache
+from specmd.cache.keys import ExpertKey
+from specmd.cache.manager import CacheManager
+from specmd.cache.payload import LivePayload
+from specmd.cache.prefetcher import Watchdog
+from specmd.cache.stats import CacheStats
+from specmd.cache.store import RamStore
+from specmd.cache.transfer import EmulatedLink, copier_for
+from specmd.offload_models.checkpoint import CheckpointError, ExpertCheckpoint, ExpertKeyPatterns, checkpoint_files
+from specmd.offload_models.experts import OffloadedExperts
+from specmd.offload_models.options import OffloadOptions
+from specmd.offload_models.runtime import OffloadRuntime
+from specmd.quant.formats import ExpertShape, get_format, precision_of_dtype
+from specmd.sim.hardware import get_profile
+
+
+def _all_layers(config: PretrainedConfig) -> list[int]:
+    return list(range(config.num_hidden_layers))
+
+
+@dataclass(frozen=True)
+class MoEArch:
+    """What an architecture file declares; the mixin does the rest.
+
+    Attributes:
+        model_type: the `config.model_type` this class loads.
+        checkpoint: where the checkpoint keeps routed-expert weights.
+        router_attr: the sparse block's router attribute (the block is `model.layers[i].mlp`).
+        num_experts_attr, top_k_attr, intermediate_attr: config fields for experts per layer,
+            experts per token, and an expert's intermediate size.
+        moe_layers: the decoder layers that have a sparse block, from the config.
+    """
+
+    model_type: str
+    checkpoint: ExpertKeyPatterns
+    router_attr: str = "gate"
+    num_experts_attr: str = "num_experts"
+    top_k_attr: str = "num_experts_per_tok"
+    intermediate_attr: str = "intermediate_size"
+    moe_layers: Callable[[PretrainedConfig], list[int]] = field(default=_all_layers)
+
+
+class OffloadMixin:
+    """Turns a transformers MoE causal LM into one whose routed experts live behind specmd's cache.
+
+    Expert weights are never parameters or buffers of the model: `to()`, `state_dict()` and
+    `named_parameters()` see only the dense part.
+    """
+
+    arch: ClassVar[MoEArch]
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"\.experts\."]  # experts load through specmd
+    _can_compile_fullgraph: ClassVar[bool] = False  # the cache is Python control flow per layer
+
+    def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self._specmd: OffloadRuntime | None = None
+        self.offload_options: OffloadOptions | None = None
+        num_experts = getattr(config, self.arch.num_experts_attr)
+        for index, layer in enumerate(self.model.layers):
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is not None:
+                layer.mlp.experts = OffloadedExperts(index, num_experts, experts.act_fn)
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *model_args: Any,
+        cache_frac: float | None = None,
+        cache_bytes: int | None = None,
+        policy: Any = None,
+        bandwidth_gbps: float | None = None,
+        link_latency_s: float | None = None,
+        hardware: str | None = None,
+        compute_time: str = "profile",
+        expert_precisions: tuple[str, ...] | None = None,
+        storage: str = "ram",
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Load a checkpoint with its experts in a cache of `cache_frac` (or `cache_bytes`).
+
+        Every other keyword goes to transformers' `from_pretrained` (`dtype`, `device_map`, ...).
+        All settings are checked before anything loads; an error leaves nothing loaded and no thread.
+
+        Example::
+
+            model = OffloadOLMoE.from_pretrained(path, cache_frac=0.05, policy="topk/least-stale/fetch/standard",
+                                                 bandwidth_gbps=5.0)
+            out = model.generate(**inputs, max_new_tokens=32)
+            print(model.cache_stats().hit_rate)
+        """
+        options = OffloadOptions(
+            cache_frac=cache_frac,
+            cache_bytes=cache_bytes,
+            policy=policy,
+            bandwidth_gbps=bandwidth_gbps,
+            link_latency_s=link_latency_s,
+            hardware=hardware or OffloadOptions.hardware,
+            compute_time=compute_time,
+            expert_precisions=expert_precisions,
+            storage=storage,
+            progress=progress,
+        )
+        want_info = kwargs.pop("output_loading_info", False)
+        hub = {k: kwargs.get(k) for k in ("revision", "subfolder", "cache_dir", "token", "local_files_only")}
+        config = kwargs.pop("config", None)
+        if not isinstance(config, PretrainedConfig):
+            config = AutoConfig.from_pretrained(
+                pretrained_model_name_or_path, **{k: v for k, v in hub.items() if v is not None}
+            )
+        cls._check_config(config)
+        experts = ExpertCheckpoint(
+            checkpoint_files(pretrained_model_name_or_path, **hub),
+            cls.arch.checkpoint,
+            cls.arch.moe_layers(config),
+            getattr(config, cls.arch.num_experts_attr),
+        )
+        model, info = super().from_pretrained(  # type: ignore[misc]
+            pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs
+        )
+        try:
+            if info["missing_keys"]:
+                missing = sorted(info["missing_keys"])
+                raise CheckpointError(
+                    f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {missing[0]}"
+                )
+            model._attach_cache(options, experts)
+        except BaseException:
+            model.close()
+            raise
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _check_config(cls, config: PretrainedConfig) -> None:
+        model_type = getattr(config, "model_type", None)
+        if model_type != cls.arch.model_type:
+            raise ValueError(
+                f"{cls.__name__} loads '{cls.arch.model_type}' checkpoints; this one is {model_type!r}. "
+                "Use AutoOffloadForCausalLM to pick the class from the checkpoint."
+            )
+
+    def _attach_cache(self, options: OffloadOptions, experts: ExpertCheckpoint) -> None:
+        config = self.config
+        devices = {p.device for p in self.parameters()}
+        if len(devices) != 1:
+            raise ValueError(
+                f"specmd needs the non-expert weights on one device, got {sorted(map(str, devices))}; "
+                "pass device_map={'': device}"
+            )
+        device = devices.pop()
+        native = precision_of_dtype(self.dtype)
+        precisions = options.expert_precisions or (native,)
+        if precisions != (native,):
+            raise ValueError(
+                f"expert_precisions={precisions!r}: this version runs experts at the model's own dtype only, "
+                f"({native!r}); pass dtype= to choose it"
+            )
+        formats = {name: get_format(name) for name in precisions}
+        primary = precisions[0]
+        num_experts = getattr(config, self.arch.num_experts_attr)
+        shape = ExpertShape(config.hidden_size, getattr(config, self.arch.intermediate_attr))
+        sizes = {name: fmt.nbytes(shape) for name, fmt in formats.items()}
+        moe_layers = [
+            i
+            for i, layer in enumerate(self.model.layers)
+            if isinstance(getattr(layer.mlp, "experts", None), OffloadedExperts)
+        ]
+        capacity = options.capacity_bytes(len(moe_layers) * num_experts * sizes[primary], sizes[primary])
+        profile = get_profile(options.hardware)
+        compute = (
+            None
+            if options.compute_time == "measured"
+            else RooflineCompute(self._model_shape(shape), profile.peak_flops, profile.memory_bandwidth)
+        )
+        link = EmulatedLink(
+            options.bandwidth_gbps,
+            profile.link_latency_s if options.link_latency_s is None else options.link_latency_s,
+        )
+        policies = options.policy.build()
+        store = RamStore.build(
+            experts, list(formats.values()), pin=device.type == "cuda", total=len(experts), progress=options.progress
+        )
+        arena = SlotArena(sizes[primary], capacity // sizes[primary], device)
+        watchdog = Watchdog(copier_for(device))
+        try:
+            payload = LivePayload(store, arena, watchdog, formats, shape)
+            catalog = [ExpertKey(layer, e, primary) for layer in moe_layers for e in range(num_experts)]
+            cache = ExpertCache(capacity, policies.eviction, sizes, catalog, listener=payload)
+            manager = CacheManager(
+                cache,
+                policies,
+                link,
+                compute,
+                precision=primary,
+                moe_layers=moe_layers,
+                num_layers=len(self.model.layers),
+                num_experts=num_experts,
+                top_k=getattr(config, self.arch.top_k_attr),
+                payload=payload,
+            )
+            routers = {layer: getattr(self.model.layers[layer].mlp, self.arch.router_attr) for layer in moe_layers}
+            runtime = OffloadRuntime(manager, watchdog, routers)
+        except BaseException:
+            watchdog.stop()
+            raise
+        for layer in moe_layers:
+            self.model.layers[layer].mlp.experts.runtime = runtime
+        self._specmd = runtime
+        self.offload_options = options
+        self.generation_config.disable_compile = True  # the per-layer cache logic is not compilable
+        weakref.finalize(self, watchdog.stop)
+
+    def _model_shape(self, expert: ExpertShape) -> ModelShape:
+        config = self.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return ModelShape(
+            num_layers=len(self.model.layers),
+            hidden_size=config.hidden_size,
+            kv_dim=kv_heads * head_dim,
+            dense_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in self.model.layers),
+            head_params=self.lm_head.weight.numel() + sum(p.numel() for p in self.model.norm.parameters()),
+            expert_params=expert.params,
+            dtype_bytes=self.dtype.itemsize,
+        )
+
+    # ---- running -------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        runtime = self._runtime()
+        names = _forward_parameters(type(self))
+        given = dict(zip(names, args, strict=False)) | kwargs
+        tokens = given.get("input_ids")
+        if tokens is None:
+            tokens = given.get("inputs_embeds")
+        if tokens is None:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]  (transformers reports the error)
+        cache = given.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        with runtime.forward_pass(tokens.shape[0], tokens.shape[1], given.get("attention_mask"), past):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    def _runtime(self) -> OffloadRuntime:
+        if self._specmd is None:
+            raise RuntimeError(
+                f"this {type(self).__name__} has no expert cache (closed, or not made by from_pretrained)"
+            )
+        return self._specmd
+
+    # ---- the cache, for users ------------------------------------------------------------------
+    @property
+    def expert_cache(self) -> ExpertCache:
+        """The live cache: `capacity_bytes`, `resident_bytes`, `resident()`, `warm()`."""
+        return self._runtime().manager.cache
+
+    def cache_stats(self) -> CacheStats:
+        """Counters since loading or the last `reset_cache_stats()`."""
+        return self._runtime().manager.snapshot()
+
+    def reset_cache_stats(self) -> None:
+        """Zero the counters (the cache keeps what it holds)."""
+        self._runtime().manager.reset_stats()
+
+    def close(self) -> None:
+        """Stop the watchdog thread and drop the cache; the model cannot run afterwards."""
+        runtime, self._specmd = getattr(self, "_specmd", None), None
+        if runtime is not None:
+            runtime.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "an offloaded model holds no expert weights to save; save the original checkpoint instead"
+        )
+
+
+_PARAMETERS: dict[type, list[str]] = {}
+
+
+def _forward_parameters(cls: type) -> list[str]:
+    """Positional parameter names of the transformers `forward` that `cls` wraps."""
+    if cls not in _PARAMETERS:
+        wrapped = super(OffloadMixin, cls).forward  # type: ignore[misc]
+        _PARAMETERS[cls] = [name for name in inspect.signature(wrapped).parameters if name != "self"]
+    return _PARAMETERS[cls]

@@ -1,0 +1,147 @@
+"""Reading routed experts straight from a checkpoint's safetensors files, one expert at a time.
+
+Handles the hub's per-expert layout (one tensor per expert and projection), the fused layout
+(one [E, ...] tensor per layer, read one expert slice at a time) and sharded files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from specmd.cache.store import ExpertWeights
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, truncated, or lacking expert weights."""
+
+
+@dataclass(frozen=True)
+class ExpertKeyPatterns:
+    """Where a checkpoint keeps routed-expert weights; ``{layer}`` and ``{expert}`` mark the indices.
+
+    Attributes:
+        gate, up, down: per-expert tensors [I, H], [I, H], [H, I].
+        gate_up, down_fused: fused per-layer tensors [E, 2I, H] (gate rows first) and [E, H, I].
+    """
+
+    gate: str
+    up: str
+    down: str
+    gate_up: str
+    down_fused: str
+
+    def _regex(self, template: str) -> re.Pattern[str]:
+        pattern = (
+            re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+        )
+        return re.compile(pattern + "$")
+
+    def matchers(self) -> list[tuple[str, re.Pattern[str]]]:
+        names = ("gate", "up", "down", "gate_up", "down_fused")
+        return [(name, self._regex(getattr(self, name))) for name in names]
+
+
+def checkpoint_files(path: str | os.PathLike[str], **hub_kwargs: object) -> list[Path]:
+    """The safetensors files of a local checkpoint directory or a hub id (resolved through the HF cache)."""
+    root = Path(path)
+    if root.is_dir():
+        index = root / INDEX_FILE
+        if index.is_file():
+            return [root / name for name in _shards(index)]
+        if (root / SINGLE_FILE).is_file():
+            return [root / SINGLE_FILE]
+        raise CheckpointError(f"{root} holds no {SINGLE_FILE} or {INDEX_FILE}; specmd reads safetensors checkpoints")
+    from transformers.utils import cached_file
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    index_path = cached_file(str(path), INDEX_FILE, _raise_exceptions_for_missing_entries=False, **kwargs)
+    if index_path is not None:
+        return [Path(cached_file(str(path), name, **kwargs)) for name in _shards(Path(index_path))]
+    single = cached_file(str(path), SINGLE_FILE, _raise_exceptions_for_missing_entries=False, **kwargs)
+    if single is None:
+        raise CheckpointError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}; specmd reads safetensors checkpoints")
+    return [Path(single)]
+
+
+def _shards(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
+    return sorted(set(weight_map.values()))
+
+
+class ExpertCheckpoint:
+    """Every routed expert of `layers` in the checkpoint `files`, validated up front, read lazily."""
+
+    def __init__(
+        self, files: Sequence[Path], patterns: ExpertKeyPatterns, layers: Sequence[int], num_experts: int
+    ) -> None:
+        self.files = list(files)
+        self.layers = tuple(layers)
+        self.num_experts = num_experts
+        self._where: dict[tuple[int, int | None, str], tuple[Path, str]] = {}
+        matchers = patterns.matchers()
+        for file in self.files:
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint file {file} is missing")
+            try:
+                with safe_open(file, "pt") as handle:
+                    names = list(handle.keys())
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"checkpoint file {file} is unreadable or truncated ({exc})") from exc
+            for name in names:
+                for part, regex in matchers:
+                    if match := regex.match(name):
+                        expert = match.groupdict().get("expert")
+                        self._where[(int(match["layer"]), None if expert is None else int(expert), part)] = (file, name)
+        for layer in self.layers:
+            if (layer, None, "gate_up") in self._where and (layer, None, "down_fused") in self._where:
+                continue
+            for expert in range(num_experts):
+                for part, template in (("gate", patterns.gate), ("up", patterns.up), ("down", patterns.down)):
+                    if (layer, expert, part) not in self._where:
+                        missing = template.format(layer=layer, expert=expert)
+                        raise CheckpointError(
+                            f"the checkpoint has no weights for expert {expert} of layer {layer} ({missing})"
+                        )
+
+    def __len__(self) -> int:
+        return len(self.layers) * self.num_experts
+
+    def __iter__(self) -> Iterator[ExpertWeights]:
+        with ExitStack() as stack:
+            handles: dict[Path, object] = {}
+
+            def tensor(part: tuple[int, int | None, str], expert: int | None = None) -> torch.Tensor:
+                file, name = self._where[part]
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(file, "pt"))
+                if expert is None:
+                    return handles[file].get_tensor(name)  # type: ignore[attr-defined]
+                return handles[file].get_slice(name)[expert]  # type: ignore[attr-defined]
+
+            for layer in self.layers:
+                fused = (layer, None, "gate_up") in self._where
+                for expert in range(self.num_experts):
+                    if fused:
+                        gate_up = tensor((layer, None, "gate_up"), expert)
+                        down = tensor((layer, None, "down_fused"), expert)
+                    else:
+                        gate = tensor((layer, expert, "gate"))
+                        up = tensor((layer, expert, "up"))
+                        gate_up = torch.cat([gate, up], dim=0)
+                        down = tensor((layer, expert, "down"))
+                    yield layer, expert, gate_up, down

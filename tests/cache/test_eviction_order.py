@@ -1,0 +1,77 @@
+"""Each eviction policy evicts exactly what its definition says, on hand-made request streams."""
+
+from __future__ import annotations
+
+from specmd.cache.engine import ExpertCache
+from specmd.cache.keys import ExpertKey, Tick
+from specmd.cache.policies.eviction import LRU, LeastStale
+
+
+def key(layer: int, expert: int) -> ExpertKey:
+    return ExpertKey(layer, expert, "fp32")
+
+
+def tick(pass_idx: int, layer: int) -> Tick:
+    return Tick(step=0, pass_idx=pass_idx, layer=layer, time_s=0.0)
+
+
+def fill(policy, keys, pass_idx=1):  # type: ignore[no-untyped-def]
+    """A cache with room for exactly 8 one-byte experts, holding `keys`."""
+    cache = ExpertCache(8, policy, {"fp32": 1})
+    for k in keys:
+        cache.insert(k, tick(pass_idx, k.layer), ready_at=0.0)
+    return cache
+
+
+def victims(cache: ExpertCache, now: Tick, n: int) -> list[ExpertKey]:
+    """The next `n` experts the cache evicts to make room, in order."""
+    out: list[ExpertKey] = []
+    free = cache.capacity_bytes - cache.resident_bytes
+    for i in range(1, n + 1):
+        out += cache.make_room(free + i, now)
+    return out
+
+
+def test_lru_evicts_the_least_recently_requested() -> None:
+    a, b, c = key(0, 0), key(0, 1), key(1, 0)
+    cache = fill(LRU(), [a, b, c])
+    cache.touch(a, tick(1, 0))  # touch 0, so 1 is now the oldest
+    assert victims(cache, tick(1, 1), 3) == [b, c, a]
+
+
+def test_least_stale_evicts_stale_before_current_each_fifo_by_layer() -> None:
+    policy = LeastStale()
+    l0, l1, l2, l3 = key(0, 0), key(1, 0), key(2, 0), key(3, 0)
+    cache = fill(policy, [l3, l0, l2, l1], pass_idx=1)
+    # Pass 2: layer 1's and layer 3's experts are requested again: current; 0 and 2 stay stale.
+    cache.touch(l1, tick(2, 1))
+    cache.touch(l3, tick(2, 3))
+    assert victims(cache, tick(2, 3), 4) == [l0, l2, l1, l3]
+
+
+def test_least_stale_orders_stale_by_layer_not_by_age() -> None:
+    old_late_layer, recent_early_layer = key(5, 0), key(1, 0)
+    policy = LeastStale()
+    cache = fill(policy, [old_late_layer], pass_idx=1)
+    cache.insert(recent_early_layer, tick(2, 1), ready_at=0.0)
+    # In pass 3 both are stale: the early layer leaves first (LRU would evict the older layer-5 expert,
+    # which the pass may still need).
+    assert victims(cache, tick(3, 0), 1) == [recent_early_layer]
+
+
+def test_least_stale_is_fifo_within_one_layer_and_skips_pinned() -> None:
+    first, second, third = key(2, 7), key(2, 3), key(2, 5)
+    cache = fill(LeastStale(), [first, second, third])
+    cache.pin(first)
+    assert victims(cache, tick(1, 2), 2) == [second, third]
+    cache.unpin(first)
+    assert victims(cache, tick(1, 2), 1) == [first]
+
+
+def test_least_stale_turns_current_experts_stale_when_a_pass_begins() -> None:
+    early, late = key(0, 0), key(3, 0)
+    cache = fill(LeastStale(), [late], pass_idx=1)
+    cache.insert(early, tick(2, 0), ready_at=0.0)  # current in pass 2, `late` is stale
+    assert victims(cache, tick(2, 1), 1) == [late]
+    cache.insert(late, tick(2, 3), ready_at=0.0)
+    assert victims(cache, tick(3, 0), 1) == [early]  # pass 3: both stale, layer order decides

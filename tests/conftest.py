@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny OLMoE checkpoints saved with save_pretrained, in each layout users meet."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import OlmoeConfig, OlmoeForCausalLM
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=16,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_experts=16,
+    num_experts_per_tok=4,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+EXPERT_BYTES = 3 * 32 * 16 * 4  # fp32
+TOTAL_EXPERT_BYTES = 4 * 16 * EXPERT_BYTES
+
+
+def tiny_model(seed: int = 0, **overrides: object) -> OlmoeForCausalLM:
+    torch.manual_seed(seed)
+    return OlmoeForCausalLM(OlmoeConfig(**(TINY | overrides))).eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same tiny model saved in the hub's per-expert layout, the fused layout, and as shards."""
+    root = tmp_path_factory.mktemp("ckpt")
+    model = tiny_model()
+    paths = {name: root / name for name in ("legacy", "fused", "sharded")}
+    model.save_pretrained(paths["legacy"])
+    model.save_pretrained(paths["fused"], save_original_format=False)
+    model.save_pretrained(paths["sharded"], max_shard_size="20KB")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def checkpoint(checkpoints: dict[str, Path]) -> Path:
+    return checkpoints["legacy"]
+
+
+@pytest.fixture(scope="session")
+def stock(checkpoint: Path) -> OlmoeForCausalLM:
+    """Stock transformers with eager experts: the bit-exact reference."""
+    return OlmoeForCausalLM.from_pretrained(checkpoint, experts_implementation="eager").eval()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_watchdogs():
+    """Every test leaves no specmd thread running."""
+    yield
+    import gc
+
+    gc.collect()
+    alive = [t for t in threading.enumerate() if t.name.startswith("specmd")]
+    for thread in alive:
+        thread.join(timeout=5)
+    assert not [t for t in alive if t.is_alive()], "a specmd watchdog thread outlived its test"

@@ -1,0 +1,154 @@
+"""Bad input: one clear error naming the value and what is allowed; nothing loaded, no thread left."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specmd import AutoOffloadForCausalLM, OffloadOLMoE
+from specmd.offload_models.checkpoint import CheckpointError
+from tests.conftest import EXPERT_BYTES
+
+
+def load(path: Path, **kwargs):  # type: ignore[no-untyped-def]
+    return OffloadOLMoE.from_pretrained(path, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("value", [0, -0.1, 1.5, "0.05", True, float("nan"), None])
+def test_cache_frac_must_be_a_number_in_0_1(checkpoint: Path, value: object) -> None:
+    match = "exactly one of cache_frac and cache_bytes" if value is None else "cache_frac must be a number"
+    with pytest.raises(ValueError, match=match):
+        load(checkpoint, cache_frac=value)
+
+
+def test_exactly_one_of_cache_frac_and_cache_bytes(checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one of cache_frac and cache_bytes"):
+        load(checkpoint, cache_frac=0.5, cache_bytes=10**6)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "1000"])
+def test_cache_bytes_must_be_a_positive_integer(checkpoint: Path, value: object) -> None:
+    with pytest.raises(ValueError, match="cache_bytes must be a positive integer"):
+        load(checkpoint, cache_bytes=value)
+
+
+def test_capacity_below_one_expert_names_the_smallest_legal_one(checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match=rf"less than one expert \({EXPERT_BYTES} B\).*cache_bytes >= {EXPERT_BYTES}"):
+        load(checkpoint, cache_bytes=EXPERT_BYTES - 1)
+    with pytest.raises(ValueError, match=r"cache_frac=0\.01 "):
+        load(checkpoint, cache_frac=0.01)
+
+
+@pytest.mark.parametrize(
+    ("policy", "listed"),
+    [
+        ("topk/mru/fetch/standard", "valid eviction policies: lru, least-stale \\(ls\\)"),
+        ("psychic/lru/fetch/standard", "valid prefetch policies: none, topk"),
+        ("none/lru/guess/standard", "valid miss policies: fetch"),
+        ("none/lru/fetch/teleport", "valid routing policies: standard \\(stnd\\)"),
+        ("lru", "must have 4 parts"),
+        ("topk:depth=2/lru/fetch/standard", "no parameter 'depth'; its parameters: overfetch"),
+        ("topk:overfetch=0/lru/fetch/standard", "overfetch must be a number > 0"),
+        ({"evict": "lru"}, "unknown part 'evict'"),
+    ],
+)
+def test_bad_policies_list_what_is_valid(checkpoint: Path, policy: object, listed: str) -> None:
+    with pytest.raises(ValueError, match=listed):
+        load(checkpoint, cache_frac=0.5, policy=policy)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bandwidth_gbps": -5}, "bandwidth_gbps must be a number > 0"),
+        ({"storage": "disk"}, "storage 'disk' is not available; available: ram"),
+        ({"expert_precisions": ("int8",)}, "precision 'int8' is not available in this version"),
+        ({"expert_precisions": ("bf17",)}, "unknown precision 'bf17'; available: bf16, fp16, fp32"),
+        ({"expert_precisions": ("bf16",)}, "runs experts at the model's own dtype only"),
+        ({"hardware": "abacus"}, "unknown hardware profile 'abacus'; available: a100"),
+        ({"compute_time": "guessed"}, "compute_time must be one of profile, measured"),
+    ],
+)
+def test_other_settings(checkpoint: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        load(checkpoint, cache_frac=0.5, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("llama")
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_a_dense_model_is_refused(llama: Path) -> None:
+    with pytest.raises(ValueError, match="OffloadOLMoE loads 'olmoe' checkpoints; this one is 'llama'"):
+        load(llama, cache_frac=0.5)
+    with pytest.raises(ValueError, match="model type 'llama' is not supported by specmd; supported: olmoe"):
+        AutoOffloadForCausalLM.from_pretrained(llama, cache_frac=0.5)
+
+
+def test_auto_loads_olmoe(checkpoint: Path) -> None:
+    with AutoOffloadForCausalLM.from_pretrained(checkpoint, cache_frac=0.5, progress=False) as model:
+        assert isinstance(model, OffloadOLMoE)
+
+
+def copy_of(checkpoint: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, target)
+    return target
+
+
+def test_missing_weights_file(checkpoint: Path, tmp_path: Path) -> None:
+    path = copy_of(checkpoint, tmp_path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"holds no model\.safetensors"):
+        load(path, cache_frac=0.5)
+
+
+def test_missing_shard(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    path = copy_of(checkpoints["sharded"], tmp_path)
+    next(path.glob("model-0000*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint file .* is missing"):
+        load(path, cache_frac=0.5)
+
+
+def test_truncated_weights_file(checkpoint: Path, tmp_path: Path) -> None:
+    path = copy_of(checkpoint, tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load(path, cache_frac=0.5)
+
+
+def rewrite_without(path: Path, dropped: str) -> None:
+    tensors = load_file(path / "model.safetensors")
+    del tensors[dropped]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_expert_weights(checkpoint: Path, tmp_path: Path) -> None:
+    path = copy_of(checkpoint, tmp_path)
+    rewrite_without(path, "model.layers.2.mlp.experts.5.up_proj.weight")
+    with pytest.raises(CheckpointError, match="no weights for expert 5 of layer 2"):
+        load(path, cache_frac=0.5)
+
+
+def test_missing_dense_weights(checkpoint: Path, tmp_path: Path) -> None:
+    path = copy_of(checkpoint, tmp_path)
+    rewrite_without(path, "model.layers.1.self_attn.q_proj.weight")
+    with pytest.raises(CheckpointError, match=r"lacks 1 weight.*model\.layers\.1\.self_attn\.q_proj\.weight"):
+        load(path, cache_frac=0.5)
+
+
+def test_weights_split_across_devices_are_refused(checkpoint: Path, tmp_path: Path) -> None:
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "disk"}
+    with pytest.raises(ValueError, match="non-expert weights on one device"):
+        load(checkpoint, cache_frac=0.5, device_map=device_map, offload_folder=str(tmp_path / "offload"))
