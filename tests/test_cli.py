@@ -1,0 +1,124 @@
+"""The `specmd` console script, run as users run it (a subprocess), and the default model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoTokenizer, OlmoeForCausalLM
+
+from specmd import OffloadOLMoE, cli
+from specmd import default_model as default_model_module
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("specmd-cache")
+
+
+def specmd(cache_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"SPECMD_CACHE_DIR": str(cache_dir), "COLUMNS": "160"}
+    exe = Path(sys.executable).with_name("specmd")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def test_demo_compares_four_policies(cache_dir: Path) -> None:
+    run = specmd(cache_dir, "demo", "--max-new-tokens", "4", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert [r["policy"] for r in result["results"]] == [
+        "none/lru/fetch/standard",
+        "topk/lru/fetch/standard",
+        "none/least-stale/fetch/standard",
+        "topk/least-stale/fetch/standard",
+    ]
+    assert (result["cache_frac"], result["bandwidth_gbps"]) == (0.05, 5.0)
+    for row in result["results"]:
+        stats = row["stats"]
+        assert stats["requests"] == stats["hits"] + stats["late_prefetches"] + stats["misses"] > 0
+        assert stats["decode_tokens"] == 3 * 3 and stats["ttft_s"] > 0
+    assert result["results"][1]["stats"]["prefetches_issued"] > 0
+
+
+def test_demo_table(cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SPECMD_CACHE_DIR", str(cache_dir))
+    monkeypatch.setattr(cli, "out", Console(width=160))
+    assert cli.main(["demo", "--max-new-tokens", "2", "--cache-frac", "0.25"]) == 0
+    shown = capsys.readouterr().out
+    assert "cache 25%, 5.0 GB/s" in shown and "topk/least-stale" in shown and "collisions" in shown
+
+
+def test_generate_prints_text_and_metrics(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    run = specmd(
+        cache_dir, "generate", "default", "--prompt", "import os", "--max-new-tokens", "5",
+        "--policy", "none/lru/fetch/standard", "--bandwidth-gbps", "5", "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "import os" in run.stdout and "hit rate" in run.stdout and "TTFT ms" in run.stdout
+    result = json.loads(out.read_text())
+    assert result["options"]["policy"]["eviction"]["name"] == "lru"
+    assert result["options"]["bandwidth_gbps"] == 5.0
+    assert result["stats"]["decode_tokens"] == 4 and len(result["outputs"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cache-frac", "1.5"], "cache_frac must be a number with 0 < cache_frac <= 1, got 1.5"),
+        (["--policy", "topk/mru/fetch/standard"], "valid eviction policies: lru, least-stale (ls)"),
+        (["--bandwidth-gbps", "0"], "bandwidth_gbps must be a number > 0"),
+    ],
+)
+def test_generate_reports_bad_input(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.setenv("SPECMD_CACHE_DIR", str(cache_dir))
+    console = Console(width=300, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli, "err", console)
+    assert cli.main(["generate", "default", "--prompt", "x", *args]) == 2
+    assert message in console.export_text()
+
+
+def test_policies_lists_every_registered_name(cache_dir: Path) -> None:
+    run = specmd(cache_dir, "policies", "--json")
+    listed = {(p["kind"], p["name"]) for p in json.loads(run.stdout)["policies"]}
+    assert {("eviction", "lru"), ("eviction", "least-stale"), ("prefetch", "topk"), ("miss", "fetch")} <= listed
+
+
+@pytest.mark.parametrize("command", ["demo", "generate", "policies"])
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0 and "--json" in capsys.readouterr().out
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_default_model_is_built_once_deterministically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("SPECMD_CACHE_DIR", str(tmp_path / name))
+        paths.append(default_model_module.default_model_path())
+    assert digest(paths[0]) == digest(paths[1])
+    before = (paths[1] / "model.safetensors").stat().st_mtime_ns
+    assert default_model_module.default_model_path() == paths[1]  # reused, not rebuilt
+    assert (paths[1] / "model.safetensors").stat().st_mtime_ns == before
+
+    tokenizer = AutoTokenizer.from_pretrained(paths[0])
+    ids = tokenizer("déf f(x):")["input_ids"]
+    assert ids[:2] == [100, 195] and tokenizer.decode(ids) == "déf f(x):"  # one token per byte
+    stock = OlmoeForCausalLM.from_pretrained(paths[0], experts_implementation="eager")
+    prompt = torch.tensor([ids])
+    with OffloadOLMoE.from_pretrained(paths[0], cache_frac=0.05, progress=False) as model, torch.no_grad():
+        assert torch.equal(model(prompt).logits, stock(prompt).logits)
