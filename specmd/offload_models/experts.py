@@ -50,7 +50,9 @@ class ExpertJob:
         final = torch.zeros_like(self.hidden_states)
         for expert in sorted(self._outputs):
             token_idx, out = self._outputs[expert]
-            final.index_add_(0, token_idx, out.to(final.dtype))
+            # Each row is added to once per expert, as index_add_ does (same rounding), but
+            # index_put_ measured faster on CPU for the few-row adds of decoding.
+            final.index_put_((token_idx,), out.to(final.dtype), accumulate=True)
         return final
 
 
