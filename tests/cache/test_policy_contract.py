@@ -103,7 +103,13 @@ def reference_victims(stream, capacity: int, order):  # type: ignore[no-untyped-
 
 REFERENCE_ORDER = {
     "lru": lambda key, touched, now_pass: touched[1],
-    "least-stale": lambda key, touched, now_pass: (touched[0] == now_pass, key[0], touched[1]),
+    # current (touched this pass) after stale; stale by the pass it went stale in; then layer, then order.
+    "least-stale": lambda key, touched, now_pass: (
+        touched[0] == now_pass,
+        0 if touched[0] == now_pass else touched[0],
+        key[0],
+        touched[1],
+    ),
 }
 
 

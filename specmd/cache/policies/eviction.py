@@ -37,22 +37,24 @@ class LeastStale(EvictionPolicy):
     """Least-Stale (SpecMD §4.2): evicts experts not used in the current forward pass first.
 
     An expert is *current* once requested or loaded during the ongoing forward pass and *stale*
-    otherwise; when a new pass begins every current expert turns stale. Victims come from the stale
-    queue first, then from the current queue. Each queue is a priority heap (O(log N) insert,
-    lazy deletion) ordered FIFO by layer position: the expert of the earliest layer in the forward
-    order leaves first, and within one layer the one that entered the queue first.
+    otherwise. Victims come from the stale queue first, then from the current queue, each FIFO by
+    layer position. The current queue is a priority heap keyed by layer position (O(log N) insert):
+    experts enter it out of layer order (a prefetch for layer L+1 arrives before layer L's last
+    demand fetch), and ordering by position keeps experts of layers the pass has not reached over
+    those it has finished with, which is what avoids collision misses. When a pass ends, its current
+    experts join the stale queue in layer order, so the stale queue is FIFO by (pass it went stale,
+    layer): the most stale expert leaves first.
 
-    Choices where the paper is not explicit, each isolated in `_position` so variants are one override:
-    the position is the expert's own layer (a prefetched expert is positioned at the layer it was
-    fetched for, not the layer that issued it), and the stale queue orders by layer alone, whatever
-    pass an expert was last used in, so a stale expert of a layer the current pass has already
-    passed leaves before one of a layer still ahead.
+    Choices where the paper is not explicit, each isolated in `_position` so a variant is one
+    override: an expert's position is its own layer (a prefetched expert sits at the layer it was
+    fetched for, not the layer that issued it), and experts of one layer leave in the order they
+    entered the queue.
     """
 
     def __init__(self) -> None:
         self._pass: int | None = None
-        self._stale: list[tuple[int, int, ExpertKey]] = []
-        self._current: list[tuple[int, int, ExpertKey]] = []
+        self._stale: list[tuple[int, int, int, ExpertKey]] = []  # (pass it went stale, position, seq, key)
+        self._current: list[tuple[int, int, ExpertKey]] = []  # (position, seq, key)
         self._live: dict[ExpertKey, int] = {}  # key -> sequence number of its one live heap entry
         self._counter = itertools.count()
 
@@ -62,12 +64,12 @@ class LeastStale(EvictionPolicy):
     def _roll(self, now: Tick) -> None:
         if now.pass_idx == self._pass:
             return
-        self._pass = now.pass_idx
-        if self._current:
-            live = self._live
-            merged = [e for e in itertools.chain(self._stale, self._current) if live.get(e[2]) == e[1]]
-            heapq.heapify(merged)
-            self._stale, self._current = merged, []
+        ended, self._pass = self._pass, now.pass_idx
+        live = self._live
+        for position, seq, key in sorted(self._current):
+            if live.get(key) == seq:
+                heapq.heappush(self._stale, (ended or 0, position, seq, key))
+        self._current = []
 
     def _mark_current(self, key: ExpertKey, now: Tick) -> None:
         self._roll(now)
@@ -82,14 +84,15 @@ class LeastStale(EvictionPolicy):
         self._roll(now)
         live = self._live
         for heap in (self._stale, self._current):
-            held: list[tuple[int, int, ExpertKey]] = []
+            held: list = []
             victim = None
             while heap:
                 item = heapq.heappop(heap)
-                if live.get(item[2]) != item[1]:
+                key, seq = item[-1], item[-2]
+                if live.get(key) != seq:
                     continue  # superseded by a later access
-                if item[2] in candidates:
-                    victim = item[2]
+                if key in candidates:
+                    victim = key
                     break
                 held.append(item)
             for item in held:
