@@ -23,10 +23,6 @@ class SlotArena:
         self._free = list(range(num_slots - 1, -1, -1))
 
     @property
-    def nbytes(self) -> int:
-        return self._buffer.numel()
-
-    @property
     def free_slots(self) -> int:
         return len(self._free)
 

@@ -59,10 +59,6 @@ class Watchdog:
         )
         self._thread.start()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
         """Queue a copy of `src` into `dst`."""
         if not self._thread.is_alive():

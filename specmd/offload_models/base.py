@@ -197,6 +197,11 @@ class OffloadMixin:
             profile.link_latency_s if options.link_latency_s is None else options.link_latency_s,
         )
         policies = options.policy.build()
+        if not policies.routing.neutral:
+            raise ValueError(
+                f"routing policy {options.policy.routing.name!r} changes which experts are chosen; this version "
+                "applies only routing that leaves the native router untouched ('standard')"
+            )
         store = RamStore.build(
             experts, list(formats.values()), pin=device.type == "cuda", total=len(experts), progress=options.progress
         )

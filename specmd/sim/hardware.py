@@ -19,7 +19,6 @@ class HardwareProfile:
         description: what machine this is.
         peak_tflops: dense bf16/fp16 tensor throughput, TFLOP/s.
         memory_bandwidth_gbps: device memory bandwidth, GB/s.
-        link_bandwidth_gbps: host-to-device bandwidth, GB/s (used when a run names no bandwidth).
         link_latency_us: fixed cost of one host-to-device transfer, microseconds.
         source: where the figures come from.
     """
@@ -28,7 +27,6 @@ class HardwareProfile:
     description: str
     peak_tflops: float
     memory_bandwidth_gbps: float
-    link_bandwidth_gbps: float
     link_latency_us: float
     source: str
 
@@ -57,12 +55,11 @@ PROFILES: dict[str, HardwareProfile] = {
             description="NVIDIA A100 80GB PCIe, the SpecMD paper's machine",
             peak_tflops=312.0,
             memory_bandwidth_gbps=1935.0,
-            link_bandwidth_gbps=5.0,
             link_latency_us=10.0,
             source=(
-                "NVIDIA A100 datasheet (312 TFLOP/s dense BF16, 1,935 GB/s HBM2e for the 80GB PCIe card); "
-                "5 GB/s is the host-to-device rate the SpecMD paper reports for its setup; the 10 us per-transfer "
-                "latency is an assumed order of magnitude for a cudaMemcpyAsync launch plus DMA setup"
+                "NVIDIA A100 datasheet (312 TFLOP/s dense BF16, 1,935 GB/s HBM2e for the 80GB PCIe card); the 10 us "
+                "per-transfer latency is an assumed order of magnitude for a cudaMemcpyAsync launch plus DMA setup. "
+                "The paper's link ran at 5 GB/s host-to-device: pass bandwidth_gbps=5 to emulate it"
             ),
         ),
     )

@@ -92,6 +92,14 @@ def test_capacity_bound_and_pins_hold_at_every_instant(checkpoint: Path) -> None
         assert model.expert_cache.peak_resident_bytes <= 3 * EXPERT_BYTES
 
 
+def test_arena_slots_track_residency_exactly(checkpoint: Path) -> None:
+    with load(checkpoint, cache_bytes=5 * EXPERT_BYTES, policy="topk:overfetch=2/ls/fetch/standard") as model:
+        arena = model.expert_cache.listener.arena
+        assert arena.num_slots == 5
+        generate(model)
+        assert arena.free_slots == arena.num_slots - len(model.expert_cache)
+
+
 def test_warm_preloads_and_counts_no_transfer(checkpoint: Path) -> None:
     with load(checkpoint, cache_frac=1.0) as model:
         assert model.expert_cache.warm() == 64

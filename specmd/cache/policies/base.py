@@ -79,12 +79,8 @@ class MissPolicy(ABC):
         """The action for a request of `key` that is not resident."""
 
 
-class RoutingPolicy(ABC):
+class RoutingPolicy(ABC):  # noqa: B024 - a kind of policy; routing that changes choices brings its methods
     """May steer the router toward resident experts; the standard policy leaves routing untouched."""
 
     neutral: bool = False
     """True when the policy never changes which experts the native router picks."""
-
-    @abstractmethod
-    def bias(self, layer: int, resident: Sequence[int], now: Tick) -> Sequence[float] | None:
-        """Per-expert logit offsets that select `layer`'s experts (weights keep the original logits), or None."""

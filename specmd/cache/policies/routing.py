@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from specmd.cache.keys import Tick
 from specmd.cache.policies.base import RoutingPolicy
 from specmd.cache.policies.spec import register_routing
 
@@ -14,6 +11,3 @@ class StandardRouting(RoutingPolicy):
     """The model's native router, untouched."""
 
     neutral = True
-
-    def bias(self, layer: int, resident: Sequence[int], now: Tick) -> Sequence[float] | None:
-        return None
