@@ -1,11 +1,15 @@
-"""Moving expert bytes: the emulated host->device link, and the real copies (CPU, or a CUDA copy stream)."""
+"""Moving expert bytes: the emulated host->device link, and the real copies (CPU, or a CUDA copy stream).
+
+torch is imported only by the copiers, so trace replay (which uses the link alone) never loads it.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class EmulatedLink:
@@ -66,6 +70,8 @@ class _CudaCompletion:
         self._event = event
 
     def wait(self) -> None:
+        import torch
+
         # The compute stream waits on the GPU; the host never blocks.
         torch.cuda.current_stream(self._event.device).wait_event(self._event)
 
@@ -78,10 +84,14 @@ class CudaCopier:
     """
 
     def __init__(self, device: torch.device) -> None:
+        import torch
+
         self._device = device
         self._stream = torch.cuda.Stream(device=device)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Completion:
+        import torch
+
         # The destination slot may still be read by kernels queued on the compute stream.
         self._stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(self._stream):
@@ -93,6 +103,8 @@ class CudaCopier:
 
 def copier_for(device: torch.device) -> CpuCopier | CudaCopier:
     """The copier that moves experts into memory on `device`."""
+    import torch
+
     if device.type == "cuda" and torch.cuda.is_available():
         return CudaCopier(device)
     return CpuCopier()

@@ -23,13 +23,12 @@ from specmd.cache.payload import LivePayload
 from specmd.cache.prefetcher import Watchdog
 from specmd.cache.stats import CacheStats
 from specmd.cache.store import RamStore
-from specmd.cache.transfer import EmulatedLink, copier_for
+from specmd.cache.transfer import copier_for
 from specmd.offload_models.checkpoint import CheckpointError, ExpertCheckpoint, ExpertKeyPatterns, checkpoint_files
 from specmd.offload_models.experts import OffloadedExperts
 from specmd.offload_models.options import OffloadOptions
 from specmd.offload_models.runtime import OffloadRuntime
 from specmd.quant.formats import ExpertShape, get_format, precision_of_dtype
-from specmd.sim.hardware import get_profile
 
 
 def _all_layers(config: PretrainedConfig) -> list[int]:
@@ -186,16 +185,13 @@ class OffloadMixin:
             if isinstance(getattr(layer.mlp, "experts", None), OffloadedExperts)
         ]
         capacity = options.capacity_bytes(len(moe_layers) * num_experts * sizes[primary], sizes[primary])
-        profile = get_profile(options.hardware)
+        profile = options.profile
         compute = (
             None
             if options.compute_time == "measured"
             else RooflineCompute(self._model_shape(shape), profile.peak_flops, profile.memory_bandwidth)
         )
-        link = EmulatedLink(
-            options.bandwidth_gbps,
-            profile.link_latency_s if options.link_latency_s is None else options.link_latency_s,
-        )
+        link = options.link()
         policies = options.policy.build()
         if not policies.routing.neutral:
             raise ValueError(

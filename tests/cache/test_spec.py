@@ -54,7 +54,7 @@ def test_offload_options_round_trip_and_validate() -> None:
     data = json.loads(json.dumps(options.to_dict()))
     assert data["policy"]["eviction"]["name"] == "least-stale"
     assert OffloadOptions.from_dict(data) == options
-    with pytest.raises(ValueError, match="offload options version 2 is not supported"):
+    with pytest.raises(ValueError, match="OffloadOptions version 2 is not supported"):
         OffloadOptions.from_dict(data | {"version": 2})
 
 

@@ -69,7 +69,7 @@ def test_bad_policies_list_what_is_valid(checkpoint: Path, policy: object, liste
         ({"expert_precisions": ("int8",)}, "precision 'int8' is not available in this version"),
         ({"expert_precisions": ("bf17",)}, "unknown precision 'bf17'; available: bf16, fp16, fp32"),
         ({"expert_precisions": ("bf16",)}, "runs experts at the model's own dtype only"),
-        ({"hardware": "abacus"}, "unknown hardware profile 'abacus'; available: a100"),
+        ({"hardware": "abacus"}, "unknown hardware profile .abacus.; available: a100, rtx4090"),
         ({"compute_time": "guessed"}, "compute_time must be one of profile, measured"),
     ],
 )

@@ -1,0 +1,106 @@
+"""`CacheConfig`: the cache's capacity, policy mix, link and target hardware, checked when built.
+
+Shared by live models (`OffloadOptions` extends it) and trace replay; it imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from specmd.cache.policies.spec import PolicySpec
+from specmd.cache.transfer import EmulatedLink
+from specmd.sim.hardware import DEFAULT_HARDWARE, HardwareProfile, get_profile
+
+PROFILE = "profile"
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Settings of one expert cache.
+
+    Attributes:
+        cache_frac: fraction of all routed-expert bytes that fit in fast memory, 0 < f <= 1.
+        cache_bytes: the same as a byte count; give exactly one of the two.
+        policy: the policy mix (`PolicySpec`, or its text / dict form).
+        bandwidth_gbps: emulated host-to-device link in GB/s; None = native speed (transfers take no
+            emulated time); "profile" = the hardware profile's link.
+        link_latency_s: fixed emulated cost per transfer; None = the hardware profile's.
+        hardware: profile whose compute peak and memory bandwidth price emulated compute time.
+    """
+
+    cache_frac: float | None = None
+    cache_bytes: int | None = None
+    policy: PolicySpec = field(default_factory=lambda: PolicySpec.parse(None))
+    bandwidth_gbps: float | str | None = None
+    link_latency_s: float | None = None
+    hardware: str = DEFAULT_HARDWARE
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if (self.cache_frac is None) == (self.cache_bytes is None):
+            raise ValueError(
+                f"give exactly one of cache_frac and cache_bytes (got cache_frac={self.cache_frac!r}, "
+                f"cache_bytes={self.cache_bytes!r})"
+            )
+        if self.cache_frac is not None and not (is_number(self.cache_frac) and 0 < self.cache_frac <= 1):
+            raise ValueError(f"cache_frac must be a number with 0 < cache_frac <= 1, got {self.cache_frac!r}")
+        if self.cache_bytes is not None and not (
+            isinstance(self.cache_bytes, int) and not isinstance(self.cache_bytes, bool) and self.cache_bytes > 0
+        ):
+            raise ValueError(f"cache_bytes must be a positive integer, got {self.cache_bytes!r}")
+        object.__setattr__(self, "policy", PolicySpec.parse(self.policy))
+        if not (self.bandwidth_gbps in (None, PROFILE) or (is_number(self.bandwidth_gbps) and self.bandwidth_gbps > 0)):
+            raise ValueError(
+                f"bandwidth_gbps must be a number > 0 (GB/s), None (native speed) or 'profile', "
+                f"got {self.bandwidth_gbps!r}"
+            )
+        if self.link_latency_s is not None and not (is_number(self.link_latency_s) and self.link_latency_s >= 0):
+            raise ValueError(f"link_latency_s must be a number >= 0 or None, got {self.link_latency_s!r}")
+        get_profile(self.hardware)
+
+    @property
+    def profile(self) -> HardwareProfile:
+        return get_profile(self.hardware)
+
+    def link(self) -> EmulatedLink:
+        """A fresh emulated link with this config's bandwidth and latency."""
+        bandwidth = self.profile.link_bandwidth_gbps if self.bandwidth_gbps == PROFILE else self.bandwidth_gbps
+        latency = self.profile.link_latency_s if self.link_latency_s is None else self.link_latency_s
+        return EmulatedLink(bandwidth, latency)  # type: ignore[arg-type]
+
+    def capacity_bytes(self, total_bytes: int, expert_bytes: int) -> int:
+        """The capacity for routed experts taking `total_bytes` in all, `expert_bytes` each."""
+        capacity = self.cache_bytes if self.cache_bytes is not None else int(self.cache_frac * total_bytes)
+        if capacity < expert_bytes:
+            given = (
+                f"cache_bytes={self.cache_bytes}"
+                if self.cache_bytes is not None
+                else f"cache_frac={self.cache_frac} ({capacity} B of {total_bytes} B)"
+            )
+            raise ValueError(
+                f"{given} holds less than one expert ({expert_bytes} B); use cache_frac >= "
+                f"{expert_bytes / total_bytes:.6g} or cache_bytes >= {expert_bytes}"
+            )
+        return min(capacity, total_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"version": self.version, **data, "policy": self.policy.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        version = data.get("version", cls.version)
+        if version != cls.version:
+            raise ValueError(f"{cls.__name__} version {version} is not supported (this specmd reads {cls.version})")
+        values = {k: v for k, v in data.items() if k != "version"}
+        if isinstance(values.get("policy"), Mapping):
+            values["policy"] = PolicySpec.from_dict(values["policy"])
+        return cls(**values)
