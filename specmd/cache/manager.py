@@ -194,8 +194,8 @@ class CacheManager:
             heapq.heappush(ready, (entry.ready_at, expert, key))
 
         following = self._next_moe[layer]
-        if predicted is not None and following is not None:
-            self._enqueue_prefetches(RoutePrediction(following, self.top_k, predicted), tick)
+        if following is not None and (predicted is not None or not self.policies.prefetch.needs_logits):
+            self._enqueue_prefetches(RoutePrediction(following, self.top_k, predicted or ()), tick)
 
         stall = 0.0
         while pending or ready:

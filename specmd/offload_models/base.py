@@ -8,12 +8,14 @@ from __future__ import annotations
 import inspect
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, PretrainedConfig
 
+from specmd import __version__
 from specmd.cache.arena import SlotArena
 from specmd.cache.clock import ModelShape, RooflineCompute
 from specmd.cache.engine import ExpertCache
@@ -29,6 +31,7 @@ from specmd.offload_models.experts import OffloadedExperts
 from specmd.offload_models.options import OffloadOptions
 from specmd.offload_models.runtime import OffloadRuntime
 from specmd.quant.formats import ExpertShape, get_format, precision_of_dtype
+from specmd.sim.trace import TraceRecorder
 
 
 def _all_layers(config: PretrainedConfig) -> list[int]:
@@ -193,6 +196,13 @@ class OffloadMixin:
         )
         link = options.link()
         policies = options.policy.build()
+        replay_only = [getattr(options.policy, kind).name for kind in ("prefetch", "eviction")
+                       if getattr(getattr(policies, kind), "needs_future", False)]  # fmt: skip
+        if replay_only:
+            raise ValueError(
+                f"{replay_only[0]!r} knows the future and runs only in trace replay (specmd.sim.replay); "
+                "a live model needs an online policy"
+            )
         if not policies.routing.neutral:
             raise ValueError(
                 f"routing policy {options.policy.routing.name!r} changes which experts are chosen; this version "
@@ -220,7 +230,19 @@ class OffloadMixin:
                 payload=payload,
             )
             routers = {layer: getattr(self.model.layers[layer].mlp, self.arch.router_attr) for layer in moe_layers}
-            runtime = OffloadRuntime(manager, watchdog, routers)
+            meta = {
+                "model": config.name_or_path or None,
+                "model_type": config.model_type,
+                "num_layers": len(self.model.layers),
+                "moe_layers": moe_layers,
+                "experts_per_layer": num_experts,
+                "top_k": getattr(config, self.arch.top_k_attr),
+                "precision": primary,
+                "expert_bytes": sizes,
+                "shape": self._model_shape(shape).to_dict(),
+                "specmd_version": __version__,
+            }
+            runtime = OffloadRuntime(manager, watchdog, routers, meta)
         except BaseException:
             watchdog.stop()
             raise
@@ -273,6 +295,22 @@ class OffloadMixin:
     def expert_cache(self) -> ExpertCache:
         """The live cache: `capacity_bytes`, `resident_bytes`, `resident()`, `warm()`."""
         return self._runtime().manager.cache
+
+    def trace_meta(self) -> dict[str, Any]:
+        """What a routing trace's header records about this model (layers, experts, sizes, shape)."""
+        return dict(self._runtime().meta)
+
+    @contextmanager
+    def recording(self, recorder: TraceRecorder) -> Iterator[TraceRecorder]:
+        """Send every forward pass's routing to `recorder` while inside (see `specmd.sim.record`)."""
+        runtime = self._runtime()
+        if runtime.recorder is not None:
+            raise RuntimeError("this model is already recording a trace")
+        runtime.recorder = recorder
+        try:
+            yield recorder
+        finally:
+            runtime.recorder = None
 
     def cache_stats(self) -> CacheStats:
         """Counters since loading or the last `reset_cache_stats()`."""

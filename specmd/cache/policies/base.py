@@ -14,12 +14,32 @@ from typing import NamedTuple, Protocol
 from specmd.cache.keys import ExpertKey, Tick
 
 
+class Clairvoyant(Protocol):
+    """A policy that can only run in trace replay, where the future is known."""
+
+    needs_future: bool
+
+    def bind_future(self, future: Future) -> None: ...
+
+
 class Candidates(Protocol):
     """The experts an eviction policy may evict right now: resident, unpinned and not in flight."""
 
     def __contains__(self, key: object) -> bool: ...
 
     def __iter__(self) -> Iterator[ExpertKey]: ...
+
+
+@dataclass(frozen=True)
+class Future:
+    """What a trace replay knows ahead of time, for the bounds (Belady eviction, oracle prefetch).
+
+    ``uses[(layer, expert)]`` lists the logical steps (`Tick.step`) that request the expert, ascending;
+    ``requests[(pass_idx, layer)]`` maps each expert a layer requests in a pass to its token count.
+    """
+
+    uses: dict[tuple[int, int], list[int]]
+    requests: dict[tuple[int, int], dict[int, int]]
 
 
 class EvictionPolicy(ABC):

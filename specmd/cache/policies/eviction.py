@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+from bisect import bisect_right
 from collections import OrderedDict
 
 from specmd.cache.keys import ExpertKey, Tick
-from specmd.cache.policies.base import Candidates, EvictionPolicy
+from specmd.cache.policies.base import Candidates, EvictionPolicy, Future
 from specmd.cache.policies.spec import register_eviction
 
 
@@ -101,3 +103,54 @@ class LeastStale(EvictionPolicy):
                 del live[victim]
                 return victim
         raise LookupError("Least-Stale found no evictable expert")
+
+
+@register_eviction("belady", "min")
+class Belady(EvictionPolicy):
+    """Belady's MIN (replay only): evicts the expert whose next request is farthest in the future.
+
+    With no prefetch and one precision it is the optimal offline policy, the bound every online eviction
+    policy is measured against. An expert never requested again is the first victim; ties go to the
+    lowest (layer, expert).
+    """
+
+    needs_future = True
+
+    def __init__(self) -> None:
+        self._uses: dict[tuple[int, int], list[int]] | None = None
+        self._next: dict[ExpertKey, float] = {}  # key -> its next use as last computed (the live heap entry)
+        self._heap: list[tuple[float, int, int, ExpertKey]] = []  # (-next use, layer, expert, key)
+
+    def bind_future(self, future: Future) -> None:
+        self._uses = future.uses
+
+    def _note(self, key: ExpertKey, now: Tick) -> None:
+        if self._uses is None:
+            raise RuntimeError("belady eviction needs the future: it runs only in trace replay")
+        uses = self._uses.get((key.layer, key.expert), ())
+        i = bisect_right(uses, now.step)
+        following = uses[i] if i < len(uses) else math.inf
+        self._next[key] = following
+        heapq.heappush(self._heap, (-following, key.layer, key.expert, key))
+
+    on_access = _note
+    on_insert = _note
+
+    def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
+        held = []
+        victim = None
+        while self._heap:
+            item = heapq.heappop(self._heap)
+            key = item[-1]
+            if self._next.get(key) != -item[0]:
+                continue  # superseded by a later request
+            if key in candidates:
+                victim = key
+                break
+            held.append(item)
+        for item in held:
+            heapq.heappush(self._heap, item)
+        if victim is None:
+            raise LookupError("Belady found no evictable expert")
+        del self._next[victim]
+        return victim

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 from specmd.cache.keys import Tick
-from specmd.cache.policies.base import PrefetchPolicy, RoutePrediction
+from specmd.cache.policies.base import Future, PrefetchPolicy, RoutePrediction
 from specmd.cache.policies.spec import register_prefetch
 
 
@@ -41,3 +41,26 @@ class TopK(PrefetchPolicy):
                 if row[expert] > best.get(expert, -math.inf):
                     best[expert] = row[expert]
         return sorted(best, key=lambda e: (-best[e], e))
+
+
+@register_prefetch("oracle")
+class Oracle(PrefetchPolicy):
+    """Oracle (replay only): prefetches exactly the experts the next MoE layer will request, most tokens first.
+
+    Perfect next-layer knowledge: the bound for any predictor of the next layer's routing.
+    """
+
+    needs_logits = False
+    needs_future = True
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[int, int], dict[int, int]] | None = None
+
+    def bind_future(self, future: Future) -> None:
+        self._requests = future.requests
+
+    def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
+        if self._requests is None:
+            raise RuntimeError("oracle prefetch needs the future: it runs only in trace replay")
+        wanted = self._requests.get((now.pass_idx, route.layer), {})
+        return sorted(wanted, key=lambda e: (-wanted[e], e))
