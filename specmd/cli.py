@@ -87,10 +87,47 @@ METRIC_NOTE = (
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     text = json.dumps(payload, indent=2, default=str)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if getattr(args, "json_out", None):
+        Path(args.json_out).write_text(text + "\n")
     if args.json:
         print(text)
+
+
+def _print_stats(args: argparse.Namespace, stats: Any, *, wall: bool = True) -> None:
+    capacity = f"{args.cache_bytes} B" if args.cache_bytes else f"{args.cache_frac:.0%}"
+    table = Table(title=f"{args.policy}, cache {capacity}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, fmt in METRICS:
+        if wall or not name.startswith("wall"):
+            table.add_row(name, fmt(stats))
+    out.print(table)
+    out.print(METRIC_NOTE, style="dim")
+
+
+def _bandwidth(text: str) -> float | str | None:
+    """--bandwidth-gbps values: GB/s, 'native' (no emulated transfer time) or 'profile' (the hardware's link)."""
+    if text in ("native", "profile"):
+        return None if text == "native" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GB/s, 'native' or 'profile'") from None
+
+
+def _read_prompts(path: str) -> list[str]:
+    """One prompt per line; in a .jsonl file each line is a JSON string or {"prompt": ...}."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not path.endswith(".jsonl"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        item = json.loads(line)
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise ValueError(f"{path}:{number}: expected a JSON string or an object with a 'prompt' string")
+        prompts.append(prompt)
+    return prompts
 
 
 def _add_cache_options(parser: argparse.ArgumentParser, bandwidth: float | None) -> None:
@@ -109,7 +146,7 @@ def _add_cache_options(parser: argparse.ArgumentParser, bandwidth: float | None)
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
-    parser.add_argument("--out", help="also write the JSON result to this file")
+    parser.add_argument("--out", dest="json_out", help="also write the JSON result to this file")
 
 
 # ---- commands ---------------------------------------------------------------------------------------
@@ -125,14 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.json:
         for prompt, text in zip(args.prompt, texts, strict=True):
             out.print(f"[bold]{prompt}[/bold]{text}", markup=True, highlight=False)
-        capacity = f"{args.cache_bytes} B" if args.cache_bytes else f"{args.cache_frac:.0%}"
-        table = Table(title=f"{args.policy}, cache {capacity}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for name, fmt in METRICS:
-            table.add_row(name, fmt(stats))
-        out.print(table)
-        out.print(METRIC_NOTE, style="dim")
+        _print_stats(args, stats)
     return 0
 
 
@@ -197,6 +227,86 @@ def cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from specmd.sim.trace import TraceRecorder
+
+    prompts = _read_prompts(args.prompts)
+    if not prompts:
+        raise ValueError(f"{args.prompts} holds no prompts")
+    tokenizer = AutoTokenizer.from_pretrained(_model_path(args.model))
+    with _load(args, args.policy) as model:
+        recorder = TraceRecorder(model.trace_meta())
+        with model.recording(recorder):
+            _generate(model, tokenizer, prompts, args.max_new_tokens)
+        stats = model.cache_stats()
+    trace = recorder.trace()
+    path = trace.save(args.out)
+    _emit(args, {"trace": str(path), "events": len(trace.events), "prompts": len(prompts), "stats": stats.to_dict()})
+    if not args.json:
+        out.print(f"wrote {len(trace.events)} routing records of {len(prompts)} prompts to {path}")
+        _print_stats(args, stats)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from specmd.sim.replay import replay
+    from specmd.sim.trace import load_trace
+
+    trace = load_trace(args.trace, experts_per_layer=args.experts_per_layer, expert_bytes=args.expert_bytes)
+    stats = replay(
+        trace,
+        policy=args.policy,
+        cache_frac=args.cache_frac if args.cache_bytes is None else None,
+        cache_bytes=args.cache_bytes,
+        bandwidth_gbps=args.bandwidth_gbps,
+        link_latency_s=None if args.link_latency_us is None else args.link_latency_us * 1e-6,
+        hardware=args.hardware,
+    )
+    _emit(args, {"trace": args.trace, "trace_sha256": trace.sha256, "policy": args.policy, "stats": stats.to_dict()})
+    if not args.json:
+        _print_stats(args, stats, wall=False)  # a replay has no wall clock
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from specmd.sim.sweep import SweepGrid, sweep
+
+    given = {
+        "traces": args.traces,
+        "policies": args.policy,
+        "cache_fracs": args.cache_frac,
+        "bandwidths": args.bandwidth_gbps,
+        "hardware": args.hardware,
+    }
+    if args.grid:
+        grid = SweepGrid.from_toml(args.grid, **given)
+    else:
+        needed = (("TRACE", "traces"), ("--policy", "policies"), ("--cache-frac", "cache_fracs"))
+        missing = [flag for flag, key in needed if not given[key]]
+        if missing:
+            raise ValueError(f"a sweep needs {', '.join(missing)} (or a --grid file)")
+        grid = SweepGrid(**{k: tuple(v) for k, v in given.items() if v})
+    if args.no_baselines:
+        grid = SweepGrid(**{**grid.__dict__, "baselines": False})
+    rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json)
+    _emit(args, {"results": args.out, "new_runs": len(rows), "runs": len(grid.runs())})
+    if not args.json:
+        out.print(f"{len(rows)} new runs of {len(grid.runs())} written to {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from specmd.sim.report import report
+
+    files = report(args.results, args.out)
+    _emit(args, {"files": [str(f) for f in files]})
+    if not args.json:
+        out.print(f"wrote {files[0]} and {len(files) - 1} figures")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from specmd.cache.policies import DEFAULT_POLICY
 
@@ -222,6 +332,54 @@ def build_parser() -> argparse.ArgumentParser:
     policies = commands.add_parser("policies", help="list every policy name with a one-line description")
     _add_output_options(policies)
     policies.set_defaults(func=cmd_policies)
+
+    trace = commands.add_parser("trace", help="record a routing trace while generating from a file of prompts")
+    trace.add_argument("model", help="model directory or hub id, or 'default'")
+    trace.add_argument("--prompts", required=True, help="one prompt per line (or a .jsonl of strings)")
+    trace.add_argument("--out", required=True, help="trace file to write: .jsonl (interchange) or .npz (compact)")
+    trace.add_argument("--max-new-tokens", type=int, default=32)
+    trace.add_argument(
+        "--policy", default=DEFAULT_POLICY, help="the live run's policy (the trace does not depend on it)"
+    )
+    _add_cache_options(trace, bandwidth=None)
+    trace.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    trace.set_defaults(func=cmd_trace)
+
+    replay = commands.add_parser("replay", help="replay a routing trace through a policy mix, no model needed")
+    replay.add_argument("trace", help="a .jsonl or .npz trace")
+    replay.add_argument("--policy", default=DEFAULT_POLICY, help="prefetch/eviction/miss/routing")
+    size = replay.add_mutually_exclusive_group(required=True)
+    size.add_argument("--cache-frac", type=float, help="fraction of all expert bytes cached")
+    size.add_argument("--cache-bytes", type=int, help="cache capacity in bytes")
+    replay.add_argument("--bandwidth-gbps", type=_bandwidth, default="profile",
+                        help="GB/s, 'native' or 'profile' (default: the hardware profile's link)")  # fmt: skip
+    replay.add_argument("--link-latency-us", type=float, help="per-transfer latency (default: the profile's)")
+    replay.add_argument(
+        "--hardware", default="a100", help="hardware profile (a100, rtx4090, h100-pcie, laptop-rtx4060)"
+    )
+    replay.add_argument("--experts-per-layer", type=int, help="for traces whose header lacks it")
+    replay.add_argument("--expert-bytes", type=int, help="bytes of one expert, for traces whose header lacks it")
+    _add_output_options(replay)
+    replay.set_defaults(func=cmd_replay)
+
+    sweep = commands.add_parser("sweep", help="replay traces x capacities x bandwidths x policies into a CSV")
+    sweep.add_argument("traces", nargs="*", help="trace files")
+    sweep.add_argument("--grid", help="a TOML grid (traces, policies, cache_frac, bandwidth_gbps, hardware)")
+    sweep.add_argument("--policy", action="append", help="a policy mix (repeat for several)")
+    sweep.add_argument("--cache-frac", type=float, nargs="+", help="capacities as fractions of all expert bytes")
+    sweep.add_argument("--bandwidth-gbps", type=_bandwidth, nargs="+", help="GB/s, 'native' or 'profile'")
+    sweep.add_argument("--hardware", nargs="+", help="hardware profiles (default: a100)")
+    sweep.add_argument("--no-baselines", action="store_true", help="leave out the Belady and unbounded runs")
+    sweep.add_argument("--out", required=True, help="results CSV (existing rows are kept and skipped)")
+    sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
+    sweep.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = commands.add_parser("report", help="write Markdown tables and PNG figures from sweep results")
+    report.add_argument("results", help="results CSV from `specmd sweep`")
+    report.add_argument("--out", required=True, help="directory for report.md and the figures")
+    report.add_argument("--json", action="store_true", help="print the written files as JSON")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

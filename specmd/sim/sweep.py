@@ -1,0 +1,232 @@
+"""Sweeps: replay traces x capacities x bandwidths x hardware x policy mixes, one tidy row per run.
+
+Runs go to a CSV file as they finish; running the same sweep again skips rows already there, so an
+interrupted sweep resumes. Every sweep adds the baselines: Belady (offline-optimal eviction, no
+prefetch) at each setting, and an unbounded cache (cache_frac=1.0) per trace, link and hardware.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from specmd import __version__
+from specmd.cache import config as cache_config
+from specmd.cache.policies.spec import PolicySpec
+from specmd.cache.stats import CacheStats
+from specmd.sim.hardware import DEFAULT_HARDWARE
+from specmd.sim.replay import run_trace
+from specmd.sim.trace import Trace, load_trace
+
+BELADY = "none/belady/fetch/standard"
+UNBOUNDED = "none/lru/fetch/standard"
+NATIVE = "native"
+
+KEY_COLUMNS = ["trace_sha256", "policy", "cache_frac", "bandwidth_gbps", "hardware"]
+STAT_COLUMNS = [f.name for f in fields(CacheStats)]
+COLUMNS = [
+    "trace", *KEY_COLUMNS, "baseline", "prefetch", "eviction", "miss", "routing", "specmd_version", *STAT_COLUMNS,
+]  # fmt: skip
+
+
+def _bandwidth(value: Any) -> float | str | None:
+    """A bandwidth as the grid writes it: a number, "profile", or "native" (None)."""
+    if value in (None, NATIVE):
+        return None
+    if value == cache_config.PROFILE:
+        return value
+    return float(value)
+
+
+def _bandwidth_label(value: float | str | None) -> str:
+    return NATIVE if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """What to sweep: every combination of the lists below (plus the baselines, unless turned off).
+
+    Attributes:
+        traces: trace files (.jsonl or .npz).
+        policies: policy mixes, 'prefetch/eviction/miss/routing'.
+        cache_fracs: cache capacities as fractions of all expert bytes.
+        bandwidths: link bandwidths in GB/s, "profile" (the hardware's link) or "native"/None.
+        hardware: hardware profile names.
+        baselines: add Belady and the unbounded cache.
+    """
+
+    traces: tuple[str, ...]
+    policies: tuple[str, ...]
+    cache_fracs: tuple[float, ...]
+    bandwidths: tuple[float | str | None, ...] = (cache_config.PROFILE,)
+    hardware: tuple[str, ...] = (DEFAULT_HARDWARE,)
+    baselines: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("traces", "policies", "cache_fracs", "bandwidths", "hardware"):
+            if not getattr(self, name):
+                raise ValueError(f"a sweep needs at least one value of {name}")
+        object.__setattr__(self, "bandwidths", tuple(_bandwidth(b) for b in self.bandwidths))
+        canonical = tuple(str(PolicySpec.parse(p)) for p in self.policies)  # fails now on a bad name
+        object.__setattr__(self, "policies", canonical)
+        for frac, bandwidth, hardware in (
+            (f, b, h) for f in self.cache_fracs for b in self.bandwidths for h in self.hardware
+        ):
+            cache_config.CacheConfig(cache_frac=frac, bandwidth_gbps=bandwidth, hardware=hardware)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> SweepGrid:
+        """Read a grid file (keys: traces, policies, cache_frac, bandwidth_gbps, hardware, baselines)."""
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+        known = {"traces", "policies", "cache_frac", "bandwidth_gbps", "hardware", "baselines"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key {unknown[0]!r}; a grid has {', '.join(sorted(known))}")
+        values = {
+            "traces": data.get("traces", ()),
+            "policies": data.get("policies", ()),
+            "cache_fracs": data.get("cache_frac", ()),
+            "bandwidths": data.get("bandwidth_gbps", (cache_config.PROFILE,)),
+            "hardware": data.get("hardware", (DEFAULT_HARDWARE,)),
+            "baselines": data.get("baselines", True),
+        }
+        values.update({k: v for k, v in overrides.items() if v})
+        return cls(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in values.items()})
+
+    def runs(self) -> list[Run]:
+        """Every run of the grid, baselines included, without duplicates."""
+        runs: dict[tuple, Run] = {}
+        for trace in self.traces:
+            for hardware in self.hardware:
+                for bandwidth in self.bandwidths:
+                    settings = [(p, f, "") for p in self.policies for f in self.cache_fracs]
+                    if self.baselines:
+                        settings += [(BELADY, f, "belady") for f in self.cache_fracs]
+                        settings.append((UNBOUNDED, 1.0, "unbounded"))
+                    for policy, frac, baseline in settings:
+                        run = Run(trace, policy, frac, bandwidth, hardware, baseline)
+                        runs.setdefault(run.key, run)
+        return list(runs.values())
+
+
+@dataclass(frozen=True)
+class Run:
+    """One replay of a sweep."""
+
+    trace: str
+    policy: str
+    cache_frac: float
+    bandwidth_gbps: float | str | None
+    hardware: str
+    baseline: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> tuple:
+        return (self.trace, self.policy, float(self.cache_frac), _bandwidth_label(self.bandwidth_gbps), self.hardware)
+
+
+_TRACES: dict[str, Trace] = {}  # loaded once in the parent; forked workers inherit them
+
+
+def _trace(path: str) -> Trace:
+    if path not in _TRACES:
+        trace = load_trace(path)
+        trace.passes()  # build the replay view before workers fork
+        _TRACES[path] = trace
+    return _TRACES[path]
+
+
+def run_one(run: Run) -> dict[str, Any]:
+    """Replay one run; its CSV row."""
+    trace = _trace(run.trace)
+    config = cache_config.CacheConfig(
+        cache_frac=run.cache_frac, policy=run.policy, bandwidth_gbps=run.bandwidth_gbps, hardware=run.hardware
+    )
+    stats = run_trace(trace, config).to_dict()
+    stats["per_layer"] = json.dumps(stats["per_layer"])
+    stats["fetches_by_precision"] = json.dumps(stats["fetches_by_precision"])
+    spec = config.policy
+    return {
+        "trace": run.trace,
+        "trace_sha256": trace.sha256,
+        "policy": str(spec),
+        "cache_frac": float(run.cache_frac),
+        "bandwidth_gbps": _bandwidth_label(run.bandwidth_gbps),
+        "hardware": run.hardware,
+        "baseline": run.baseline,
+        **{kind: str(getattr(spec, kind)) for kind in ("prefetch", "eviction", "miss", "routing")},
+        "specmd_version": __version__,
+        **stats,
+    }
+
+
+def read_results(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of a results CSV (as text)."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames != COLUMNS:
+            raise ValueError(f"{path} has other columns than this specmd writes ({__version__}); sweep into a new file")
+        return list(reader)
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple:
+    return tuple(str(row[c]) if c != "cache_frac" else float(row[c]) for c in KEY_COLUMNS)
+
+
+def sweep(
+    grid: SweepGrid, out: str | os.PathLike[str], *, jobs: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run every run of `grid` not already in the CSV `out`, appending a row as each finishes.
+
+    Returns the new rows. `jobs` worker processes (default: one per core) share the work.
+    """
+    target = Path(out)
+    done = {_row_key(row) for row in read_results(target)} if target.exists() else set()
+    todo = []
+    for run in grid.runs():
+        trace = _trace(run.trace)  # also checks every trace up front
+        probe = {"trace_sha256": trace.sha256, "policy": run.policy, "cache_frac": run.cache_frac,
+                 "bandwidth_gbps": _bandwidth_label(run.bandwidth_gbps), "hardware": run.hardware}  # fmt: skip
+        if _row_key(probe) not in done:
+            todo.append(run)
+    new_rows: list[dict[str, Any]] = []
+    fresh = not target.exists()
+    with target.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        if fresh:
+            writer.writeheader()
+        bar = tqdm(total=len(todo), desc="specmd sweep", unit="run", disable=not progress)
+        for row in _execute(todo, jobs):
+            writer.writerow(row)
+            handle.flush()  # an interrupted sweep keeps every finished row
+            new_rows.append(row)
+            bar.update()
+        bar.close()
+    return new_rows
+
+
+def _execute(runs: Sequence[Run], jobs: int | None) -> Iterable[dict[str, Any]]:
+    workers = min(jobs or os.cpu_count() or 1, len(runs))
+    if workers <= 1:
+        yield from map(run_one, runs)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        futures = [pool.submit(run_one, run) for run in runs]
+        for future in as_completed(futures):
+            yield future.result()

@@ -1,0 +1,123 @@
+"""Sweeps are deterministic and resumable; reports build from a results table; the CLI pipeline runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specmd import __version__
+from specmd.sim import load_trace
+from specmd.sim.report import report
+from specmd.sim.sweep import SweepGrid, read_results, sweep
+
+POLICIES = ("none/lru/fetch/standard", "topk/least-stale/fetch/standard")
+
+
+def grid(trace: Path, **overrides) -> SweepGrid:  # type: ignore[no-untyped-def]
+    values = {"traces": (str(trace),), "policies": POLICIES, "cache_fracs": (0.1, 0.25), "bandwidths": (5.0, None)}
+    return SweepGrid(**(values | overrides))
+
+
+def rows_of(path: Path) -> list[tuple]:
+    return sorted(tuple(row.items()) for row in read_results(path))
+
+
+def test_a_sweep_covers_the_grid_and_the_baselines(recorded: Path, tmp_path: Path) -> None:
+    new = sweep(grid(recorded), tmp_path / "r.csv", jobs=1, progress=False)
+    # 2 policies x 2 capacities x 2 links, + Belady per capacity and link, + the unbounded cache per link
+    assert len(new) == 8 + 4 + 2
+    rows = read_results(tmp_path / "r.csv")
+    assert {r["baseline"] for r in rows} == {"", "belady", "unbounded"}
+    assert {r["bandwidth_gbps"] for r in rows} == {"5.0", "native"}
+    assert {r["trace_sha256"] for r in rows} == {load_trace(recorded).sha256}
+    assert {r["specmd_version"] for r in rows} == {__version__}
+    assert all(json.loads(r["per_layer"]) for r in rows)
+
+
+def test_sweeps_are_deterministic_in_any_number_of_processes(recorded: Path, tmp_path: Path) -> None:
+    sweep(grid(recorded), tmp_path / "one.csv", jobs=1, progress=False)
+    sweep(grid(recorded), tmp_path / "two.csv", jobs=2, progress=False)
+    assert rows_of(tmp_path / "one.csv") == rows_of(tmp_path / "two.csv")
+
+
+def test_a_sweep_resumes_where_it_stopped(recorded: Path, tmp_path: Path) -> None:
+    partial = grid(recorded, policies=POLICIES[:1], cache_fracs=(0.1,))
+    first = sweep(partial, tmp_path / "r.csv", jobs=1, progress=False)
+    rest = sweep(grid(recorded), tmp_path / "r.csv", jobs=1, progress=False)
+    assert len(first) + len(rest) == len(grid(recorded).runs())
+    assert sweep(grid(recorded), tmp_path / "r.csv", jobs=1, progress=False) == []  # nothing left to do
+    sweep(grid(recorded), tmp_path / "fresh.csv", jobs=1, progress=False)
+    assert rows_of(tmp_path / "r.csv") == rows_of(tmp_path / "fresh.csv")
+
+
+def test_grid_files_and_early_errors(recorded: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "grid.toml"
+    toml.write_text(
+        f'traces = ["{recorded}"]\npolicies = ["none/ls/fetch/standard"]\ncache_frac = [0.1, 0.5]\n'
+        'bandwidth_gbps = [16, "native"]\nhardware = ["h100-pcie"]\n'
+    )
+    loaded = SweepGrid.from_toml(toml)
+    assert loaded.policies == ("none/least-stale/fetch/standard",)
+    assert loaded.bandwidths == (16.0, None) and loaded.hardware == ("h100-pcie",)
+    toml.write_text('traces = ["x"]\npolicy = ["lru"]\n')
+    with pytest.raises(ValueError, match="unknown key 'policy'"):
+        SweepGrid.from_toml(toml)
+    with pytest.raises(ValueError, match="valid eviction policies"):
+        grid(recorded, policies=("none/mru/fetch/standard",))
+    with pytest.raises(ValueError, match="cache_frac must be a number"):
+        grid(recorded, cache_fracs=(1.5,))
+    with pytest.raises(ValueError, match="does not exist"):
+        sweep(grid(tmp_path / "missing.jsonl"), tmp_path / "r.csv", progress=False)
+
+
+def test_results_from_another_layout_are_not_appended_to(recorded: Path, tmp_path: Path) -> None:
+    (tmp_path / "r.csv").write_text("trace,policy\nx,y\n")
+    with pytest.raises(ValueError, match="other columns"):
+        sweep(grid(recorded), tmp_path / "r.csv", progress=False)
+
+
+def test_report_writes_tables_and_figures(recorded: Path, tmp_path: Path) -> None:
+    sweep(grid(recorded, bandwidths=(5.0,)), tmp_path / "r.csv", jobs=1, progress=False)
+    files = report(tmp_path / "r.csv", tmp_path / "report")
+    names = sorted(f.name for f in files)
+    assert names == ["capacity.png", "collisions-per-layer.png", "misses.png", "prefetch.png", "report.md"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "### cache 10%" in text and "| topk/least-stale |" in text and "gap to Belady" in text
+    assert "| none/belady | " in text and "+0.0 pts |" in text
+    for figure in files[1:]:
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+
+
+def test_report_of_an_empty_table_is_an_error(recorded: Path, tmp_path: Path) -> None:
+    sweep(grid(recorded, cache_fracs=(0.1,), policies=POLICIES[:1]), tmp_path / "r.csv", progress=False)
+    with (tmp_path / "r.csv").open() as handle:
+        header = next(csv.reader(handle))
+    (tmp_path / "empty.csv").write_text(",".join(header) + "\n")
+    with pytest.raises(ValueError, match="holds no runs"):
+        report(tmp_path / "empty.csv", tmp_path / "out")
+
+
+def test_three_commands_from_a_model_to_a_report(tmp_path: Path) -> None:
+    env = os.environ | {"SPECMD_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(Path.cwd())}
+    exe = str(Path(sys.executable).with_name("specmd"))
+
+    def specmd(*args: str) -> str:
+        run = subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    (tmp_path / "prompts.txt").write_text("def f(x):\nimport os\n")
+    specmd("trace", "default", "--prompts", "prompts.txt", "--max-new-tokens", "4", "--out", "t.jsonl")
+    specmd("sweep", "t.jsonl", "--policy", "topk/ls/fetch/standard", "--cache-frac", "0.1", "0.5",
+           "--bandwidth-gbps", "5", "--out", "r.csv")  # fmt: skip
+    summary = json.loads(specmd("report", "r.csv", "--out", "report", "--json"))
+    assert len(summary["files"]) == 5 and (tmp_path / "report" / "report.md").is_file()
+    replayed = json.loads(specmd("replay", "t.jsonl", "--policy", "none/belady/fetch/standard", "--cache-frac", "0.1",
+                                 "--json"))  # fmt: skip
+    assert replayed["stats"]["requests"] > 0
