@@ -79,7 +79,7 @@ class ExpertCache:
         self.peak_resident_bytes = 0
         self._entries: dict[ExpertKey, Entry] = {}
         self._pinned_bytes = 0
-        self._arrivals: list[tuple[float, ExpertKey]] = []  # heap of transfers that may still be in flight
+        self._arrivals: list[tuple[float, ExpertKey]] = []  # heap of unpinned transfers that may be in flight
         self.last_tick = START
 
     # ---- queries -------------------------------------------------------------------------------
@@ -189,8 +189,8 @@ class ExpertCache:
         self.resident_bytes += nbytes
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         if pinned:
-            self.pin(key)
-        if ready_at > now.time_s:
+            self.pin(key)  # a pinned arrival is awaited by its own layer, never waited on to make room
+        elif ready_at > now.time_s:
             heapq.heappush(self._arrivals, (ready_at, key))
         self.eviction.on_insert(key, now)
         if self.listener is not None:

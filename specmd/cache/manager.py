@@ -91,6 +91,8 @@ class CacheManager:
         self._evicted_in_pass: set[ExpertKey] = set()
         self._queue: deque[tuple[ExpertKey, int]] = deque()  # (key, pass it is for), not yet on the link
         self._queued: set[ExpertKey] = set()
+        self._keys = {layer: [ExpertKey(layer, e, precision) for e in range(num_experts)] for layer in self.moe_layers}
+        self._expert_cost: dict[tuple[int, int], float] = {}  # (bytes, tokens) -> seconds, from the compute model
 
     @property
     def wants_predictions(self) -> bool:
@@ -147,9 +149,6 @@ class CacheManager:
         self._cursor = max(self._cursor, layer)
         return t
 
-    def _tick(self, layer: int, t: float) -> Tick:
-        return Tick(self.step, self.pass_idx, layer, t)
-
     # ---- one MoE layer -------------------------------------------------------------------------
     def run_layer(
         self,
@@ -159,57 +158,68 @@ class CacheManager:
         job: Any = None,
     ) -> None:
         """Serve layer `layer`'s requests (expert -> tokens), prefetching from `predicted` next-layer logits."""
+        # This is the hot path of live runs and replays alike: counters are kept in locals and ticks are
+        # built only where a policy or the engine needs one.
         if self.payload is not None:
             self.payload.check()
         t = self._advance_dense(layer)
         self.step += 1
-        tick = self._tick(layer, t)
-        cache = self.cache
-        counters = self.stats.layers[layer]
+        step, pass_idx = self.step, self.pass_idx
+        tick = Tick(step, pass_idx, layer, t)
+        cache, keys = self.cache, self._keys[layer]
+        lookup, touch, pin = cache.get, cache.touch, cache.pin
         self._drop_queued(layer)
 
+        hits = late = misses = collisions = used = 0
         ready: list[tuple[float, int, ExpertKey]] = []  # pinned for this layer: (ready at, expert, key)
         pending: deque[ExpertKey] = deque()  # misses waiting for room
         for expert in sorted(requests):
-            key = ExpertKey(layer, expert, self.precision)
-            counters.requests += 1
-            entry = cache.get(key)
+            key = keys[expert]
+            entry = lookup(key)
             if entry is None:
-                action = self.policies.miss.on_miss(key, tick)
-                key = key._replace(precision=action.precision)
-                counters.misses += 1
+                precision = self.policies.miss.on_miss(key, tick).precision
+                if precision != key.precision:
+                    key = key._replace(precision=precision)
+                misses += 1
                 if key in self._evicted_in_pass:
-                    counters.collision_misses += 1
+                    collisions += 1
                 pending.append(key)
                 continue
             if entry.ready_at <= t:
-                counters.hits += 1
+                hits += 1
             else:
-                counters.late_prefetches += 1
-            if entry.prefetch_pass == self.pass_idx:
-                counters.prefetches_used += 1
+                late += 1
+            if entry.prefetch_pass == pass_idx:
+                used += 1
                 entry.prefetch_pass = None
-            cache.pin(key)
-            cache.touch(key, tick)
-            heapq.heappush(ready, (entry.ready_at, expert, key))
+            pin(key)
+            touch(key, tick)
+            ready.append((entry.ready_at, expert, key))
+        heapq.heapify(ready)
 
         following = self._next_moe[layer]
         if following is not None and (predicted is not None or not self.policies.prefetch.needs_logits):
             self._enqueue_prefetches(RoutePrediction(following, self.top_k, predicted or ()), tick)
 
         stall = 0.0
+        fetched_bytes = 0
+        fetched: dict[str, int] = {}  # precision -> demand fetches
+        queue, link, payload, compute = self._queue, self.link, self.payload, self.compute
+        cost = self._expert_cost
         while pending or ready:
             while pending:
                 key = pending[0]
-                nbytes = cache.nbytes(key)
+                nbytes = cache.sizes[key.precision]
+                tick = Tick(step, pass_idx, layer, t)
                 evicted = cache.make_room(nbytes, tick)
                 if evicted is None:
                     break  # pinned and arriving experts fill the cache: compute some first
-                self._note_evictions(evicted)
-                _, finish = self.link.schedule(nbytes, t)
+                if evicted:
+                    self._note_evictions(evicted)
+                _, finish = link.schedule(nbytes, t)
                 cache.insert(key, tick, finish, pinned=True)
-                counters.bytes_transferred += nbytes
-                self.stats.fetches_by_precision[key.precision] += 1
+                fetched[key.precision] = fetched.get(key.precision, 0) + 1
+                fetched_bytes += nbytes
                 heapq.heappush(ready, (finish, key.expert, key))
                 pending.popleft()
             if not ready:
@@ -221,23 +231,36 @@ class CacheManager:
                     )
                 stall += arrival - t  # wait for a prefetch to land so it can be evicted
                 t = arrival
-                tick = self._tick(layer, t)
                 continue
-            if not pending:
-                self._pump(tick)
+            if queue and not pending:
+                self._pump(Tick(step, pass_idx, layer, t))
             ready_at, expert, key = heapq.heappop(ready)
             if ready_at > t:
                 stall += ready_at - t
                 t = ready_at
-            measured = self.payload.compute(key, job) if self.payload is not None else 0.0
-            if self.compute is None:
+            measured = payload.compute(key, job) if payload is not None else 0.0
+            if compute is None:
                 t += measured
             else:
-                t += self.compute.expert_s(cache.nbytes(key), requests[expert])
+                nbytes, tokens = cache.sizes[key.precision], requests[expert]
+                seconds = cost.get((nbytes, tokens))
+                if seconds is None:
+                    seconds = cost[(nbytes, tokens)] = compute.expert_s(nbytes, tokens)
+                t += seconds
             cache.unpin(key)
-            tick = self._tick(layer, t)
-        self._pump(tick)
+        if queue:
+            self._pump(Tick(step, pass_idx, layer, t))
+
+        counters = self.stats.layers[layer]
+        counters.requests += len(requests)
+        counters.hits += hits
+        counters.late_prefetches += late
+        counters.misses += misses
+        counters.collision_misses += collisions
+        counters.prefetches_used += used
+        counters.bytes_transferred += fetched_bytes
         counters.stall_s += stall
+        self.stats.fetches_by_precision.update(fetched)
         self.time = t
         self._wall_mark = self.wall()
 
