@@ -29,6 +29,7 @@ from transformers import (
 
 from specmd import AutoOffloadForCausalLM, OffloadMixtral, OffloadOLMoE, OffloadPhi, OffloadQwen
 from specmd.cache.policies.prefetch import TopK
+from specmd.offload_models.info import model_info
 
 COMMON = dict(
     vocab_size=96,
@@ -228,6 +229,16 @@ def test_expert_weights_are_not_parameters_or_buffers(built: Built) -> None:
         experts = len(built.arch.moe_layers) * 8 * 3 * 32 * 16
         assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in built.stock.parameters()) - experts
         assert model.expert_cache.capacity_bytes == int(0.25 * len(built.arch.moe_layers) * 8 * EXPERT_BYTES)
+
+
+def test_info_from_the_config_agrees_with_the_loaded_model(built: Built) -> None:
+    info = model_info(built.arch.config)
+    assert (info.model_type, info.offload_class) == (built.name, built.arch.offload.__name__)
+    assert list(info.moe_layers) == built.arch.moe_layers and info.top_k == built.arch.top_k
+    fp32 = next(p for p in info.precisions if p.precision == "fp32")
+    with load(built.paths["legacy"], cache_frac=0.25) as model:
+        assert model.expert_cache.sizes == {"fp32": fp32.bytes_per_expert}
+        assert model.expert_cache.capacity_bytes == fp32.capacities[-1].bytes  # the 25% column
 
 
 # ---- what is particular to one architecture ---------------------------------------------------------
