@@ -8,7 +8,7 @@ Tiny random models are saved with `save_pretrained` and loaded back with `from_p
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,6 @@ class Arch:
     top_k: int
     router: str = "gate"
     fp32_router_weights: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 ARCHS = {
