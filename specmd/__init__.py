@@ -15,6 +15,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 # Model classes pull in transformers (seconds to import); load them on first use only.
 _LAZY = {
     "OffloadOLMoE": "specmd.offload_models.olmoe",
+    "OffloadMixtral": "specmd.offload_models.mixtral",
+    "OffloadQwen": "specmd.offload_models.qwen",
+    "OffloadPhi": "specmd.offload_models.phi",
     "AutoOffloadForCausalLM": "specmd.offload_models.auto",
     "default_model_path": "specmd.default_model",
     "CacheStats": "specmd.cache.stats",

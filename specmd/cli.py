@@ -1,4 +1,4 @@
-"""The `specmd` command line: `demo`, `generate`, `policies`. Every command has --help and --json."""
+"""The `specmd` command line: `demo`, `generate`, `info`, `policies`. Every command has --help and --json."""
 
 from __future__ import annotations
 
@@ -206,6 +206,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(nbytes: int) -> str:
+    """Bytes in decimal units (GB = 1e9 B, as link speeds are quoted)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _experts(count: int) -> str:
+    return "under one expert" if count == 0 else f"{count:,} expert{'s' if count > 1 else ''}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from specmd.offload_models.info import load_config, model_info
+
+    info = model_info(load_config(_model_path(args.model)))
+    _emit(args, {"model": args.model, **info.to_dict()})
+    if not args.json:
+        dense = sorted(set(range(info.num_layers)) - set(info.moe_layers))
+        layers = f"{len(info.moe_layers)} of {info.num_layers} layers are MoE" + (
+            f" (dense: {', '.join(map(str, dense))})" if dense else ""
+        )
+        out.print(f"[bold]{args.model}[/bold]: {info.model_type}, loads as {info.offload_class}", highlight=False)
+        out.print(
+            f"{layers}; {info.experts_per_layer} experts per layer, top-{info.top_k}; "
+            f"{info.routed_experts} routed experts of {info.hidden_size} x {info.expert_intermediate_size} "
+            f"({info.expert_params:,} weights each)",
+            highlight=False,
+        )
+        table = Table(title="routed-expert bytes, and what a cache of a fraction of them holds")
+        table.add_column("precision")
+        for column in ("one expert", "all experts"):
+            table.add_column(column, justify="right")
+        for capacity in info.precisions[0].capacities:
+            table.add_column(f"{capacity.cache_frac:.0%} cache", justify="right")
+        for sizes in info.precisions:
+            stored = " (stored)" if sizes.precision == info.stored_precision else ""
+            cells = [f"{_size(c.bytes)}: {_experts(c.experts)}" for c in sizes.capacities]
+            table.add_row(sizes.precision + stored, _size(sizes.bytes_per_expert), _size(sizes.total_bytes), *cells)
+        out.print(table)
+        out.print(
+            "GB = 1e9 B. A cache under one expert is refused at load. Non-expert weights (attention, norms, "
+            "routers, shared experts, embeddings) come on top.",
+            style="dim",
+        )
+    return 0
+
+
 def cmd_policies(args: argparse.Namespace) -> int:
     from specmd.cache.policies import DEFAULT_POLICY, catalog
 
@@ -328,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_options(generate, bandwidth=None)
     _add_output_options(generate)
     generate.set_defaults(func=cmd_generate)
+
+    info = commands.add_parser(
+        "info", help="layers, experts, top-k and expert bytes of a model, from its config alone (no weights)"
+    )
+    info.add_argument("model", help="checkpoint directory, config.json file, hub id, or 'default'")
+    _add_output_options(info)
+    info.set_defaults(func=cmd_info)
 
     policies = commands.add_parser("policies", help="list every policy name with a one-line description")
     _add_output_options(policies)

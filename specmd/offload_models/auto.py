@@ -7,9 +7,14 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from specmd.offload_models.mixtral import OffloadMixtral
 from specmd.offload_models.olmoe import OffloadOLMoE
+from specmd.offload_models.phi import OffloadPhi
+from specmd.offload_models.qwen import OffloadQwen
 
-OFFLOAD_CLASSES: dict[str, type] = {cls.arch.model_type: cls for cls in (OffloadOLMoE,)}
+OFFLOAD_CLASSES: dict[str, type] = {
+    cls.arch.model_type: cls for cls in (OffloadOLMoE, OffloadMixtral, OffloadQwen, OffloadPhi)
+}
 
 
 class AutoOffloadForCausalLM:

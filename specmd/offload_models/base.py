@@ -48,6 +48,7 @@ class MoEArch:
         router_attr: the sparse block's router attribute (the block is `model.layers[i].mlp`).
         num_experts_attr, top_k_attr, intermediate_attr: config fields for experts per layer,
             experts per token, and an expert's intermediate size.
+        fixed_top_k: experts per token when the router picks a set number whatever the config says.
         moe_layers: the decoder layers that have a sparse block, from the config.
     """
 
@@ -57,7 +58,20 @@ class MoEArch:
     num_experts_attr: str = "num_experts"
     top_k_attr: str = "num_experts_per_tok"
     intermediate_attr: str = "intermediate_size"
+    fixed_top_k: int | None = None
     moe_layers: Callable[[PretrainedConfig], list[int]] = field(default=_all_layers)
+
+    def num_experts(self, config: PretrainedConfig) -> int:
+        """Routed experts per MoE layer."""
+        return getattr(config, self.num_experts_attr)
+
+    def top_k(self, config: PretrainedConfig) -> int:
+        """Experts the router picks per token."""
+        return self.fixed_top_k if self.fixed_top_k is not None else getattr(config, self.top_k_attr)
+
+    def expert_shape(self, config: PretrainedConfig) -> ExpertShape:
+        """The shape of one routed expert."""
+        return ExpertShape(config.hidden_size, getattr(config, self.intermediate_attr))
 
 
 class OffloadMixin:
@@ -75,11 +89,14 @@ class OffloadMixin:
         super().__init__(config, *args, **kwargs)
         self._specmd: OffloadRuntime | None = None
         self.offload_options: OffloadOptions | None = None
-        num_experts = getattr(config, self.arch.num_experts_attr)
-        for index, layer in enumerate(self.model.layers):
-            experts = getattr(layer.mlp, "experts", None)
-            if experts is not None:
-                layer.mlp.experts = OffloadedExperts(index, num_experts, experts.act_fn)
+        num_experts = self.arch.num_experts(config)
+        moe_layers = self.arch.moe_layers(config)
+        assert moe_layers == [i for i, layer in enumerate(self.model.layers) if hasattr(layer.mlp, "experts")], (
+            f"{self.arch.model_type}: the declared MoE layers differ from the model's sparse blocks"
+        )
+        for index in moe_layers:
+            mlp = self.model.layers[index].mlp
+            mlp.experts = OffloadedExperts(index, num_experts, mlp.experts.act_fn)
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -135,7 +152,7 @@ class OffloadMixin:
             checkpoint_files(pretrained_model_name_or_path, **hub),
             cls.arch.checkpoint,
             cls.arch.moe_layers(config),
-            getattr(config, cls.arch.num_experts_attr),
+            cls.arch.num_experts(config),
         )
         model, info = super().from_pretrained(  # type: ignore[misc]
             pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs
@@ -160,6 +177,8 @@ class OffloadMixin:
                 f"{cls.__name__} loads '{cls.arch.model_type}' checkpoints; this one is {model_type!r}. "
                 "Use AutoOffloadForCausalLM to pick the class from the checkpoint."
             )
+        if not cls.arch.moe_layers(config):
+            raise ValueError(f"this {model_type} checkpoint has no MoE layers: there are no experts to offload")
 
     def _attach_cache(self, options: OffloadOptions, experts: ExpertCheckpoint) -> None:
         config = self.config
@@ -179,14 +198,10 @@ class OffloadMixin:
             )
         formats = {name: get_format(name) for name in precisions}
         primary = precisions[0]
-        num_experts = getattr(config, self.arch.num_experts_attr)
-        shape = ExpertShape(config.hidden_size, getattr(config, self.arch.intermediate_attr))
+        num_experts = self.arch.num_experts(config)
+        shape = self.arch.expert_shape(config)
         sizes = {name: fmt.nbytes(shape) for name, fmt in formats.items()}
-        moe_layers = [
-            i
-            for i, layer in enumerate(self.model.layers)
-            if isinstance(getattr(layer.mlp, "experts", None), OffloadedExperts)
-        ]
+        moe_layers = self.arch.moe_layers(config)
         capacity = options.capacity_bytes(len(moe_layers) * num_experts * sizes[primary], sizes[primary])
         profile = options.profile
         compute = (
@@ -226,7 +241,7 @@ class OffloadMixin:
                 moe_layers=moe_layers,
                 num_layers=len(self.model.layers),
                 num_experts=num_experts,
-                top_k=getattr(config, self.arch.top_k_attr),
+                top_k=self.arch.top_k(config),
                 payload=payload,
             )
             routers = {layer: getattr(self.model.layers[layer].mlp, self.arch.router_attr) for layer in moe_layers}
@@ -263,7 +278,7 @@ class OffloadMixin:
             hidden_size=config.hidden_size,
             kv_dim=kv_heads * head_dim,
             dense_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in self.model.layers),
-            head_params=self.lm_head.weight.numel() + sum(p.numel() for p in self.model.norm.parameters()),
+            head_params=sum(p.numel() for p in (*self.lm_head.parameters(), *self.model.norm.parameters())),
             expert_params=expert.params,
             dtype_bytes=self.dtype.itemsize,
         )

@@ -27,6 +27,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: missing, truncated, or lacking expert weights."""
 
 
+# transformers' runtime layout: what `save_pretrained(..., save_original_format=False)` writes, for every model.
+FUSED_EXPERTS = "model.layers.{layer}.mlp.experts"
+
+
 @dataclass(frozen=True)
 class ExpertKeyPatterns:
     """Where a checkpoint keeps routed-expert weights; ``{layer}`` and ``{expert}`` mark the indices.
@@ -39,8 +43,8 @@ class ExpertKeyPatterns:
     gate: str
     up: str
     down: str
-    gate_up: str
-    down_fused: str
+    gate_up: str = FUSED_EXPERTS + ".gate_up_proj"
+    down_fused: str = FUSED_EXPERTS + ".down_proj"
 
     def _regex(self, template: str) -> re.Pattern[str]:
         pattern = (
@@ -51,6 +55,19 @@ class ExpertKeyPatterns:
     def matchers(self) -> list[tuple[str, re.Pattern[str]]]:
         names = ("gate", "up", "down", "gate_up", "down_fused")
         return [(name, self._regex(getattr(self, name))) for name in names]
+
+
+# The hub's two per-expert layouts (transformers' conversion_mapping.py shares them the same way).
+MLP_EXPERT_KEYS = ExpertKeyPatterns(  # OLMoE, Qwen2-MoE
+    gate="model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
+    up="model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",
+    down="model.layers.{layer}.mlp.experts.{expert}.down_proj.weight",
+)
+BLOCK_SPARSE_EXPERT_KEYS = ExpertKeyPatterns(  # Mixtral, PhiMoE: w1 = gate, w3 = up, w2 = down
+    gate="model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
+    up="model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
+    down="model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
+)
 
 
 def checkpoint_files(path: str | os.PathLike[str], **hub_kwargs: object) -> list[Path]:

@@ -108,6 +108,11 @@ def get_format(name: str) -> ExpertFormat:
     raise ValueError(f"unknown precision {name!r}; available: {available}")
 
 
+def registered_formats() -> list[ExpertFormat]:
+    """Every registered format, in registration order."""
+    return list(_FORMATS.values())
+
+
 def precision_of_dtype(dtype: torch.dtype) -> str:
     """The precision name of a floating dtype (bf16, fp16, fp32)."""
     if dtype not in _DTYPE_NAMES:

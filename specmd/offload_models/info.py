@@ -1,0 +1,119 @@
+"""What a model's routed experts weigh, from its config alone: the figures `specmd info` prints.
+
+No weights are read, so the real models' sizes can be checked before anything is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+from specmd.offload_models.auto import AutoOffloadForCausalLM
+from specmd.quant.formats import precision_of_dtype, registered_formats
+
+CAPACITY_FRACTIONS = (0.01, 0.05, 0.25)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A cache of `cache_frac` of all routed-expert bytes: its `bytes`, and how many whole `experts` fit."""
+
+    cache_frac: float
+    bytes: int
+    experts: int
+
+
+@dataclass(frozen=True)
+class PrecisionSizes:
+    """Expert sizes at one precision: one expert, all of them, and the capacities in `CAPACITY_FRACTIONS`."""
+
+    precision: str
+    bytes_per_expert: int
+    total_bytes: int
+    capacities: tuple[Capacity, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A MoE model's shape as specmd sees it.
+
+    Attributes:
+        model_type, offload_class: the config's model type and the class that loads it.
+        num_layers: decoder layers; moe_layers: those with routed experts (the rest are dense).
+        experts_per_layer, top_k: routed experts per MoE layer and experts each token uses.
+        hidden_size, expert_intermediate_size, expert_params: one routed expert's shape and weights.
+        stored_precision: the precision the config says the weights are stored in (None: not said).
+        precisions: sizes at every precision specmd knows.
+    """
+
+    model_type: str
+    offload_class: str
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    experts_per_layer: int
+    top_k: int
+    hidden_size: int
+    expert_intermediate_size: int
+    expert_params: int
+    stored_precision: str | None
+    precisions: tuple[PrecisionSizes, ...]
+
+    @property
+    def routed_experts(self) -> int:
+        """Routed experts in the whole model."""
+        return len(self.moe_layers) * self.experts_per_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"routed_experts": self.routed_experts}
+
+
+def load_config(model_or_config: str | os.PathLike[str]) -> PretrainedConfig:
+    """The config of a checkpoint directory, a config.json file or a hub id (no weights are read)."""
+    text = str(model_or_config)
+    path = Path(text).expanduser()
+    if not path.exists() and (path.is_absolute() or text.startswith((".", "~")) or path.suffix == ".json"):
+        # transformers would take it for a hub id and complain about the id's form
+        raise FileNotFoundError(
+            f"{text}: no such file or directory (give a checkpoint directory, a config.json or a hub id)"
+        )
+    return AutoConfig.from_pretrained(path if path.exists() else text)
+
+
+def model_info(config: PretrainedConfig) -> ModelInfo:
+    """Expert counts and sizes of the model `config` describes; an unsupported model type is a ValueError."""
+    cls = AutoOffloadForCausalLM.class_for(getattr(config, "model_type", None))
+    arch = cls.arch
+    shape = arch.expert_shape(config)
+    moe_layers = tuple(arch.moe_layers(config))
+    count = len(moe_layers) * arch.num_experts(config)
+    precisions = []
+    for fmt in registered_formats():
+        one = fmt.nbytes(shape)
+        total = count * one
+        capacities = []
+        for frac in CAPACITY_FRACTIONS:
+            nbytes = int(frac * total)  # as `cache_frac` sizes the cache
+            capacities.append(Capacity(frac, nbytes, nbytes // one))
+        precisions.append(PrecisionSizes(fmt.name, one, total, tuple(capacities)))
+    dtype = getattr(config, "dtype", None)
+    try:
+        stored = precision_of_dtype(dtype) if dtype is not None else None
+    except ValueError:
+        stored = None
+    return ModelInfo(
+        model_type=config.model_type,
+        offload_class=cls.__name__,
+        num_layers=config.num_hidden_layers,
+        moe_layers=moe_layers,
+        experts_per_layer=arch.num_experts(config),
+        top_k=arch.top_k(config),
+        hidden_size=shape.hidden,
+        expert_intermediate_size=shape.intermediate,
+        expert_params=shape.params,
+        stored_precision=stored,
+        precisions=tuple(precisions),
+    )
