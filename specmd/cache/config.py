@@ -76,9 +76,16 @@ class CacheConfig:
         latency = self.profile.link_latency_s if self.link_latency_s is None else self.link_latency_s
         return EmulatedLink(bandwidth, latency)  # type: ignore[arg-type]
 
+    @staticmethod
+    def bytes_of_fraction(cache_frac: float, total_bytes: int) -> int:
+        """The bytes a `cache_frac` of `total_bytes` gives (rounded down)."""
+        return int(cache_frac * total_bytes)
+
     def capacity_bytes(self, total_bytes: int, expert_bytes: int) -> int:
         """The capacity for routed experts taking `total_bytes` in all, `expert_bytes` each."""
-        capacity = self.cache_bytes if self.cache_bytes is not None else int(self.cache_frac * total_bytes)
+        capacity = self.cache_bytes
+        if capacity is None:
+            capacity = self.bytes_of_fraction(self.cache_frac, total_bytes)  # type: ignore[arg-type]
         if capacity < expert_bytes:
             given = (
                 f"cache_bytes={self.cache_bytes}"

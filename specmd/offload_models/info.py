@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from specmd.cache.config import CacheConfig
 from specmd.offload_models.auto import AutoOffloadForCausalLM
 from specmd.quant.formats import precision_of_dtype, registered_formats
 
@@ -96,7 +97,7 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
         total = count * one
         capacities = []
         for frac in CAPACITY_FRACTIONS:
-            nbytes = int(frac * total)  # as `cache_frac` sizes the cache
+            nbytes = CacheConfig.bytes_of_fraction(frac, total)
             capacities.append(Capacity(frac, nbytes, nbytes // one))
         precisions.append(PrecisionSizes(fmt.name, one, total, tuple(capacities)))
     dtype = getattr(config, "dtype", None)

@@ -310,3 +310,18 @@ def test_a_class_refuses_another_architecture(built: Built) -> None:
     other = OffloadMixtral if built.name != "mixtral" else OffloadQwen
     with pytest.raises(ValueError, match=f"loads '{other.arch.model_type}' checkpoints; this one is '{built.name}'"):
         other.from_pretrained(built.paths["legacy"], cache_frac=0.5, progress=False)
+
+
+@pytest.mark.parametrize("policy", ["none/lru/fetch/standard", "topk/least-stale/fetch/standard"])
+def test_traces_record_and_replay_exactly(built: Built, tmp_path: Path, policy: str) -> None:
+    from specmd.sim import load_trace, record, replay
+
+    with load(built.paths["legacy"], cache_frac=0.25, policy=policy) as model:
+        record(model, PROMPT, tmp_path / "t.jsonl", max_new_tokens=5, do_sample=False)
+        live = model.cache_stats().to_dict()
+    trace = load_trace(tmp_path / "t.jsonl")
+    assert trace.moe_layers == tuple(built.arch.moe_layers)
+    assert {len(e.experts) for e in trace.events} == {built.arch.top_k}
+    replayed = replay(trace, policy=policy, cache_frac=0.25, bandwidth_gbps=5.0).to_dict()
+    wall = ("wall_ttft_s", "wall_tokens_per_s")
+    assert {k: v for k, v in replayed.items() if k not in wall} == {k: v for k, v in live.items() if k not in wall}
