@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM
+
+# Tiny models gain nothing from a second intra-op thread, and on a machine busy with other work
+# OpenMP's barrier waits for it make every small matmul take milliseconds.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the same for the subprocesses tests start
 
 TINY = dict(
     vocab_size=96,

@@ -97,6 +97,10 @@ class ExpertCache:
         """Every resident key (in-flight ones included), in insertion order."""
         return list(self._entries)
 
+    def ready_in_layer(self, layer: int, time_s: float) -> list[ExpertKey]:
+        """Keys of `layer` resident with their data landed by `time_s`, at any precision."""
+        return [k for k, e in self._entries.items() if k.layer == layer and e.ready_at <= time_s]
+
     def nbytes(self, key: ExpertKey) -> int:
         """Bytes of `key`'s copy at its precision."""
         return self.sizes[key.precision]

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from specmd.cache.clock import ComputeModel, PassInfo, WallClock, wall_clock
 from specmd.cache.engine import ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
-from specmd.cache.policies.base import RoutePrediction
+from specmd.cache.policies.base import Drop, Fetch, MissContext, Routed, RoutePrediction, Substitute
 from specmd.cache.policies.spec import Policies
 from specmd.cache.stats import CacheStats, StatsRecorder
 from specmd.cache.transfer import EmulatedLink
@@ -31,8 +31,8 @@ from specmd.cache.transfer import EmulatedLink
 class Payload(Protocol):
     """The live side: runs an expert's computation on real tensors."""
 
-    def compute(self, key: ExpertKey, job: Any) -> float:
-        """Run `key`'s expert for the layer's tokens (waiting for its copy); return compute wall seconds."""
+    def compute(self, key: ExpertKey, job: Any, expert: int) -> float:
+        """Run the copy `key` on the tokens routed to `expert` (waiting for its data); return wall seconds."""
         ...
 
     def check(self) -> None:
@@ -78,7 +78,6 @@ class CacheManager:
         self.payload = payload
         self.wall = wall
         self.stats = StatsRecorder(self.moe_layers)
-        self._next_moe = dict(zip(self.moe_layers, (*self.moe_layers[1:], None), strict=True))
         self.pass_idx = 0
         self.step = 0
         self.time = 0.0
@@ -92,12 +91,21 @@ class CacheManager:
         self._queue: deque[tuple[ExpertKey, int]] = deque()  # (key, pass it is for), not yet on the link
         self._queued: set[ExpertKey] = set()
         self._keys = {layer: [ExpertKey(layer, e, precision) for e in range(num_experts)] for layer in self.moe_layers}
+        depth = policies.prefetch.depth
+        if not (isinstance(depth, int) and depth >= 1):
+            raise ValueError(f"prefetch depth must be an integer >= 1, got {depth!r}")
+        self._ahead = {layer: self.moe_layers[i + 1 : i + 1 + depth] for i, layer in enumerate(self.moe_layers)}
         self._expert_cost: dict[tuple[int, int], float] = {}  # (bytes, tokens) -> seconds, from the compute model
 
     @property
-    def wants_predictions(self) -> bool:
-        """Whether `run_layer` should be given the next layer's predicted router logits."""
-        return self.policies.prefetch.needs_logits
+    def wants_routing(self) -> bool:
+        """Whether `run_layer` should be given `routing` (weights and ranks of the requested experts)."""
+        return self.policies.eviction.needs_routing or self.policies.miss.needs_routing
+
+    @property
+    def wants_probs(self) -> bool:
+        """Whether `run_layer` should be given `probs` (every expert's mean router probability)."""
+        return self.policies.miss.needs_probs
 
     # ---- passes --------------------------------------------------------------------------------
     def begin_pass(self, info: PassInfo) -> None:
@@ -154,10 +162,17 @@ class CacheManager:
         self,
         layer: int,
         requests: Mapping[int, int],
-        predicted: Sequence[Sequence[float]] | None = None,
+        predicted: Mapping[int, Sequence[Sequence[float]]] | None = None,
         job: Any = None,
+        routing: Mapping[int, Routed] | None = None,
+        probs: Mapping[int, float] | None = None,
     ) -> None:
-        """Serve layer `layer`'s requests (expert -> tokens), prefetching from `predicted` next-layer logits."""
+        """Serve layer `layer`'s requests (expert -> tokens).
+
+        `predicted` maps later MoE layers to their routers' logits on this layer's input (for logit-based
+        prefetch); `routing` says how tokens chose each requested expert and `probs` gives every expert's
+        mean router probability (for the policies that read them; see `wants_routing`, `wants_probs`).
+        """
         # This is the hot path of live runs and replays alike: counters are kept in locals and ticks are
         # built only where a policy or the engine needs one.
         if self.payload is not None:
@@ -166,26 +181,54 @@ class CacheManager:
         self.step += 1
         step, pass_idx = self.step, self.pass_idx
         tick = Tick(step, pass_idx, layer, t)
-        cache, keys = self.cache, self._keys[layer]
+        cache, keys, policies = self.cache, self._keys[layer], self.policies
         lookup, touch, pin = cache.get, cache.touch, cache.pin
         self._drop_queued(layer)
+        if routing is None:
+            routing = {e: Routed(n, 0.0, 0) for e, n in requests.items()}
+        if policies.eviction.needs_routing:
+            policies.eviction.observe(layer, routing, tick)
 
-        hits = late = misses = collisions = used = 0
-        ready: list[tuple[float, int, ExpertKey]] = []  # pinned for this layer: (ready at, expert, key)
-        pending: deque[ExpertKey] = deque()  # misses waiting for room
+        hits = late = misses = collisions = used = drops = substitutions = 0
+        context: MissContext | None = None
+        ready: list[tuple[float, int, ExpertKey]] = []  # pinned for this layer: (ready at, routed expert, key)
+        pending: deque[tuple[ExpertKey, int]] = deque()  # misses waiting for room: (key, routed expert)
         for expert in sorted(requests):
             key = keys[expert]
             entry = lookup(key)
             if entry is None:
-                precision = self.policies.miss.on_miss(key, tick).precision
-                if precision != key.precision:
-                    key = key._replace(precision=precision)
-                misses += 1
-                if key in self._evicted_in_pass:
-                    collisions += 1
-                pending.append(key)
-                continue
-            if entry.ready_at <= t:
+                if context is None:
+                    context = self._miss_context(layer, t, routing, probs)
+                action = policies.miss.on_miss(key, tick, context)
+                missed = True
+                if type(action) is Fetch:
+                    if action.precision != key.precision:
+                        key = ExpertKey(layer, expert, action.precision)
+                        entry = lookup(key)  # a copy at that precision may be resident: then it is a hit
+                    missed = entry is None
+                    if missed:
+                        pending.append((key, expert))
+                elif type(action) is Drop:
+                    drops += 1
+                elif type(action) is Substitute:
+                    key = ExpertKey(layer, action.expert, action.precision)
+                    entry = lookup(key)
+                    if entry is None or entry.ready_at > t:
+                        raise RuntimeError(f"{type(policies.miss).__name__} substituted {key}, which is not ready")
+                    substitutions += 1
+                else:
+                    raise TypeError(f"{type(policies.miss).__name__} returned {action!r}, not a miss action")
+                if missed:
+                    misses += 1
+                    if keys[expert] in self._evicted_in_pass or key in self._evicted_in_pass:
+                        collisions += 1
+                    if entry is None:
+                        continue
+                elif entry.ready_at <= t:
+                    hits += 1
+                else:
+                    late += 1
+            elif entry.ready_at <= t:
                 hits += 1
             else:
                 late += 1
@@ -197,9 +240,7 @@ class CacheManager:
             ready.append((entry.ready_at, expert, key))
         heapq.heapify(ready)
 
-        following = self._next_moe[layer]
-        if following is not None and (predicted is not None or not self.policies.prefetch.needs_logits):
-            self._enqueue_prefetches(RoutePrediction(following, self.top_k, predicted or ()), tick)
+        self._enqueue_prefetches(layer, predicted, tick)
 
         stall = 0.0
         fetched_bytes = 0
@@ -208,7 +249,7 @@ class CacheManager:
         cost = self._expert_cost
         while pending or ready:
             while pending:
-                key = pending[0]
+                key, expert = pending[0]
                 nbytes = cache.sizes[key.precision]
                 tick = Tick(step, pass_idx, layer, t)
                 evicted = cache.make_room(nbytes, tick)
@@ -220,13 +261,13 @@ class CacheManager:
                 cache.insert(key, tick, finish, pinned=True)
                 fetched[key.precision] = fetched.get(key.precision, 0) + 1
                 fetched_bytes += nbytes
-                heapq.heappush(ready, (finish, key.expert, key))
+                heapq.heappush(ready, (finish, expert, key))
                 pending.popleft()
             if not ready:
                 arrival = cache.next_arrival(t)
                 if arrival is None:
                     raise RuntimeError(
-                        f"cannot make room for {pending[0]} ({cache.nbytes(pending[0])} B) in a cache of "
+                        f"cannot make room for {pending[0][0]} ({cache.nbytes(pending[0][0])} B) in a cache of "
                         f"{cache.capacity_bytes} B"
                     )
                 stall += arrival - t  # wait for a prefetch to land so it can be evicted
@@ -238,7 +279,7 @@ class CacheManager:
             if ready_at > t:
                 stall += ready_at - t
                 t = ready_at
-            measured = payload.compute(key, job) if payload is not None else 0.0
+            measured = payload.compute(key, job, expert) if payload is not None else 0.0
             if compute is None:
                 t += measured
             else:
@@ -258,24 +299,56 @@ class CacheManager:
         counters.misses += misses
         counters.collision_misses += collisions
         counters.prefetches_used += used
+        counters.drops += drops
+        counters.substitutions += substitutions
         counters.bytes_transferred += fetched_bytes
         counters.stall_s += stall
         self.stats.fetches_by_precision.update(fetched)
         self.time = t
         self._wall_mark = self.wall()
 
+    def _miss_context(
+        self, layer: int, t: float, routing: Mapping[int, Routed], probs: Mapping[int, float] | None
+    ) -> MissContext:
+        link = self.link
+        return MissContext(
+            layer=layer,
+            routing=routing,
+            probs=probs,
+            resident=self.cache.ready_in_layer(layer, t),
+            stored=self.cache.sizes,
+            wait_s=max(0.0, link.busy_until - t),
+            bandwidth_bytes_s=link.bytes_per_s,
+            latency_s=link.latency_s,
+        )
+
     # ---- prefetch queue ------------------------------------------------------------------------
-    def _enqueue_prefetches(self, route: RoutePrediction, tick: Tick) -> None:
-        for expert in self.policies.prefetch.on_route(route, tick):
-            if not (isinstance(expert, int) and 0 <= expert < self.num_experts):
-                raise ValueError(
-                    f"{type(self.policies.prefetch).__name__} asked for expert {expert!r}; "
-                    f"layer {route.layer} has experts 0..{self.num_experts - 1}"
-                )
-            key = ExpertKey(route.layer, expert, self.precision)
-            if key not in self.cache and key not in self._queued:
-                self._queue.append((key, self.pass_idx))
-                self._queued.add(key)
+    def prediction_layers(self, layer: int) -> tuple[int, ...]:
+        """The later MoE layers whose predicted router logits `run_layer(layer, ...)` wants (may be none)."""
+        if not self.policies.prefetch.needs_logits:
+            return ()
+        return self._ahead[layer]
+
+    def _enqueue_prefetches(
+        self, layer: int, predicted: Mapping[int, Sequence[Sequence[float]]] | None, tick: Tick
+    ) -> None:
+        prefetch = self.policies.prefetch
+        if prefetch.needs_logits and not predicted:
+            return
+        for target in self._ahead[layer]:
+            logits = predicted.get(target) if predicted else ()
+            if logits is None:
+                continue
+            for expert in prefetch.on_route(RoutePrediction(target, self.top_k, logits), tick):
+                if not (isinstance(expert, int) and 0 <= expert < self.num_experts):
+                    raise ValueError(
+                        f"{type(prefetch).__name__} asked for expert {expert!r}; "
+                        f"layer {target} has experts 0..{self.num_experts - 1}"
+                    )
+                key = self._keys[target][expert]
+                if key not in self.cache and key not in self._queued:
+                    self._queue.append((key, self.pass_idx))
+                    self._queued.add(key)
 
     def _drop_queued(self, layer: int) -> None:
         """Prefetches not yet started when their layer begins are abandoned (a request becomes a miss)."""

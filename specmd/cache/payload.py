@@ -54,17 +54,18 @@ class LivePayload:
         self._slots[key] = _Slot(index, self.watchdog.submit(destination, source), destination)
 
     def on_evict(self, key: ExpertKey) -> None:
-        # A copy still running into this slot finishes before any later copy (the watchdog is FIFO).
-        self.arena.release(self._slots.pop(key).index)
+        slot = self._slots.pop(key)
+        slot.ticket.retire()  # no copy may still land in the slot once another key takes it
+        self.arena.release(slot.index)
 
-    def compute(self, key: ExpertKey, job: Any) -> float:
+    def compute(self, key: ExpertKey, job: Any, expert: int) -> float:
         slot = self._slots[key]
         fmt = self.formats[key.precision]
         if slot.weights is None:
             slot.ticket.wait()
             slot.weights = fmt.unpack(slot.buffer, self.shape)
         start = self.wall()
-        job.compute(key.expert, slot.weights, fmt)
+        job.compute(expert, slot.weights, fmt)
         return self.wall() - start
 
     def check(self) -> None:

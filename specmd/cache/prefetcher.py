@@ -2,7 +2,10 @@
 
 The manager decides on the emulated clock which transfers start and what they evict (so counters are
 deterministic); the watchdog performs the real copies in issue order, off the main thread, so they
-overlap compute. An error in the thread is kept and raised on the main thread at the next wait or check.
+overlap compute. A copy the main thread needs before the watchdog has reached it is done by the main
+thread itself (so a busy machine's thread scheduling never delays compute), and an evicted expert's
+copy that has not started is cancelled. An error in the thread is kept and raised on the main thread
+at the next wait or check.
 """
 
 from __future__ import annotations
@@ -14,57 +17,82 @@ import torch
 
 from specmd.cache.transfer import Completion, CpuCopier, CudaCopier
 
+_PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
+
 
 class Ticket:
-    """One issued copy; `wait` returns once its data can be used (raising the copy's error, if any)."""
+    """One issued copy, claimed by whichever thread gets to it first."""
 
-    __slots__ = ("_completion", "_error", "_issued")
+    __slots__ = ("_completion", "_copier", "_done", "_dst", "_error", "_failures", "_lock", "_src", "_state")
 
-    def __init__(self) -> None:
-        self._issued = threading.Event()
+    def __init__(
+        self, copier: CpuCopier | CudaCopier, dst: torch.Tensor, src: torch.Tensor, failures: list[BaseException]
+    ) -> None:
+        self._copier, self._dst, self._src, self._failures = copier, dst, src, failures
+        self._lock = threading.Lock()
+        self._state = _PENDING
+        self._done = threading.Event()
         self._completion: Completion | None = None
         self._error: BaseException | None = None
 
+    def run(self) -> None:
+        """Perform the copy unless another thread has claimed it or it was cancelled."""
+        with self._lock:
+            if self._state != _PENDING:
+                return
+            self._state = _RUNNING
+        try:
+            self._completion = self._copier.copy(self._dst, self._src)
+        except BaseException as exc:
+            self._error = exc
+            self._failures.append(exc)
+        finally:
+            self._state = _DONE
+            self._done.set()
+
     def wait(self) -> None:
-        self._issued.wait()
+        """Return once the data can be used, doing the copy here if no thread has started it."""
+        self.run()
+        self._done.wait()
         if self._error is not None:
             raise RuntimeError("an expert transfer failed in the specmd watchdog thread") from self._error
         assert self._completion is not None
         self._completion.wait()
 
+    def retire(self) -> None:
+        """The destination is being given up: cancel the copy if it has not started, else let it finish."""
+        with self._lock:
+            if self._state == _PENDING:
+                self._state = _CANCELLED
+                self._done.set()
+                return
+        self._done.wait()
+
 
 _STOP = None
 
 
-def _drain(jobs: queue.SimpleQueue, copier: CpuCopier | CudaCopier, failures: list[BaseException]) -> None:
-    while (job := jobs.get()) is not _STOP:
-        ticket, dst, src = job
-        try:
-            ticket._completion = copier.copy(dst, src)
-        except BaseException as exc:
-            ticket._error = exc
-            failures.append(exc)
-        finally:
-            ticket._issued.set()
+def _drain(jobs: queue.SimpleQueue) -> None:
+    while (ticket := jobs.get()) is not _STOP:
+        ticket.run()
 
 
 class Watchdog:
     """Owns the transfer thread; `stop` (or garbage collection of the model, via its finalizer) ends it."""
 
     def __init__(self, copier: CpuCopier | CudaCopier, name: str = "specmd-watchdog") -> None:
+        self._copier = copier
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._failures: list[BaseException] = []
-        self._thread = threading.Thread(
-            target=_drain, args=(self._jobs, copier, self._failures), name=name, daemon=True
-        )
+        self._thread = threading.Thread(target=_drain, args=(self._jobs,), name=name, daemon=True)
         self._thread.start()
 
     def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
         """Queue a copy of `src` into `dst`."""
         if not self._thread.is_alive():
             raise RuntimeError("the specmd watchdog is stopped (the model was closed)")
-        ticket = Ticket()
-        self._jobs.put((ticket, dst, src))
+        ticket = Ticket(self._copier, dst, src, self._failures)
+        self._jobs.put(ticket)
         return ticket
 
     def check(self) -> None:

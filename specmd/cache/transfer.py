@@ -26,14 +26,14 @@ class EmulatedLink:
             raise ValueError(f"link latency must be a number >= 0 seconds, got {latency_s!r}")
         self.bandwidth_gbps = None if bandwidth_gbps is None else float(bandwidth_gbps)
         self.latency_s = float(latency_s) if bandwidth_gbps is not None else 0.0
-        self._bytes_per_s = None if bandwidth_gbps is None else float(bandwidth_gbps) * 1e9
+        self.bytes_per_s = None if bandwidth_gbps is None else float(bandwidth_gbps) * 1e9
         self.busy_until = 0.0
 
     def duration(self, nbytes: int) -> float:
         """Seconds one transfer of `nbytes` occupies the link."""
-        if self._bytes_per_s is None:
+        if self.bytes_per_s is None:
             return 0.0
-        return self.latency_s + nbytes / self._bytes_per_s
+        return self.latency_s + nbytes / self.bytes_per_s
 
     def schedule(self, nbytes: int, now: float) -> tuple[float, float]:
         """Queue a transfer issued at `now`; return its (start, finish) emulated times."""

@@ -29,6 +29,7 @@ from specmd.cache.transfer import copier_for
 from specmd.offload_models.checkpoint import CheckpointError, ExpertCheckpoint, ExpertKeyPatterns, checkpoint_files
 from specmd.offload_models.experts import OffloadedExperts
 from specmd.offload_models.options import OffloadOptions
+from specmd.offload_models.routing import SoftmaxTopK
 from specmd.offload_models.runtime import OffloadRuntime
 from specmd.quant.formats import ExpertShape, get_format, precision_of_dtype
 from specmd.sim.trace import TraceRecorder
@@ -50,6 +51,8 @@ class MoEArch:
             experts per token, and an expert's intermediate size.
         fixed_top_k: experts per token when the router picks a set number whatever the config says.
         moe_layers: the decoder layers that have a sparse block, from the config.
+        router_contract: how the native router turns logits into weights and choices, so routing
+            policies can re-select with biased logits; None where it cannot be reproduced (sparsemixer).
     """
 
     model_type: str
@@ -60,6 +63,7 @@ class MoEArch:
     intermediate_attr: str = "intermediate_size"
     fixed_top_k: int | None = None
     moe_layers: Callable[[PretrainedConfig], list[int]] = field(default=_all_layers)
+    router_contract: SoftmaxTopK | None = field(default_factory=SoftmaxTopK)
 
     def num_experts(self, config: PretrainedConfig) -> int:
         """Routed experts per MoE layer."""
@@ -218,10 +222,10 @@ class OffloadMixin:
                 f"{replay_only[0]!r} knows the future and runs only in trace replay (specmd.sim.replay); "
                 "a live model needs an online policy"
             )
-        if not policies.routing.neutral:
+        if not policies.routing.neutral and self.arch.router_contract is None:
             raise ValueError(
-                f"routing policy {options.policy.routing.name!r} changes which experts are chosen; this version "
-                "applies only routing that leaves the native router untouched ('standard')"
+                f"routing policy {options.policy.routing.name!r} re-selects experts, which {type(self).__name__}'s "
+                "router cannot do (its choice is not a softmax top-k); use 'standard' routing"
             )
         store = RamStore.build(
             experts, list(formats.values()), pin=device.type == "cuda", total=len(experts), progress=options.progress
@@ -258,6 +262,8 @@ class OffloadMixin:
                 "specmd_version": __version__,
             }
             runtime = OffloadRuntime(manager, watchdog, routers, meta)
+            if not policies.routing.neutral:
+                runtime.steer_routing(self.arch.router_contract, config, self.arch.top_k(config))  # type: ignore[arg-type]
         except BaseException:
             watchdog.stop()
             raise

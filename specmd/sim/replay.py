@@ -47,6 +47,11 @@ def build_manager(trace: Trace, config: cache_config.CacheConfig) -> CacheManage
         raise ValueError(
             f"routing policy {config.policy.routing.name!r} changes routing; a trace replays fixed routing"
         )
+    if policies.prefetch.needs_logits and policies.prefetch.depth > 1:
+        raise TraceError(
+            f"prefetch policy {config.policy.prefetch.name!r} looks {policies.prefetch.depth} layers ahead, but a "
+            "trace records predictions one layer ahead ('next_logits'); replay it with depth=1"
+        )
     if policies.prefetch.needs_logits and not trace.has_next_logits:
         raise TraceError(
             f"prefetch policy {config.policy.prefetch.name!r} predicts from the next layer's router logits, which "
@@ -81,7 +86,7 @@ def run_trace(trace: Trace, config: cache_config.CacheConfig) -> CacheStats:
     for replay_pass in trace.passes():
         begin(replay_pass.info)
         for step in replay_pass.layers:
-            run_layer(step.layer, step.requests, step.predicted)
+            run_layer(step.layer, step.requests, step.predicted, None, step.routing, step.probs)
         end()
     return manager.snapshot()
 

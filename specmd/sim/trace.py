@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from specmd.cache.clock import ModelShape, PassInfo
+from specmd.cache.policies.base import Routed
 
 FORMAT = "specmd-trace"
 VERSION = 1
@@ -70,11 +71,19 @@ class TraceEvent:
 
 @dataclass(frozen=True)
 class LayerStep:
-    """One MoE layer of one replayed pass: expert -> tokens routed to it, and next-layer predictions."""
+    """One MoE layer of one replayed pass: what `CacheManager.run_layer` is given for it.
+
+    `requests` maps each expert to the tokens routed to it; `predicted` maps the next MoE layer to its
+    router's logits on this layer's input (when recorded); `routing` gives each requested expert's
+    summed weight (0 when the trace has no weights) and best rank; `probs` each expert's mean router
+    probability (when the trace records logits).
+    """
 
     layer: int
     requests: dict[int, int]
-    predicted: list[list[float]] | None
+    predicted: dict[int, list[list[float]]] | None
+    routing: dict[int, Routed]
+    probs: dict[int, float] | None
 
 
 @dataclass(frozen=True)
@@ -174,13 +183,13 @@ class Trace:
                 for event in group_events:  # file order: token by token, so each list is in token order
                     by_layer.setdefault(event.layer, []).append(event)
                 steps = []
-                for layer in layers:
+                for layer, following in zip(layers, (*layers[1:], None), strict=True):
                     at_layer = by_layer.get(layer, [])
                     requests = Counter(x for e in at_layer for x in e.experts)
                     predicted = None
-                    if at_layer and all(e.next_logits is not None for e in at_layer):
-                        predicted = [list(e.next_logits) for e in at_layer]  # type: ignore[arg-type]
-                    steps.append(LayerStep(layer, dict(sorted(requests.items())), predicted))
+                    if following is not None and at_layer and all(e.next_logits is not None for e in at_layer):
+                        predicted = {following: [list(e.next_logits) for e in at_layer]}  # type: ignore[arg-type]
+                    steps.append(LayerStep(layer, dict(sorted(requests.items())), predicted, *_summaries(at_layer)))
                 yield ReplayPass(seq, info, tuple(steps))
 
     # ---- writing --------------------------------------------------------------------------------
@@ -194,6 +203,27 @@ class Trace:
         else:
             raise TraceError(f"cannot write a trace to {target}: use a {' or '.join(SUFFIXES)} file")
         return target
+
+
+def _summaries(events: Sequence[TraceEvent]) -> tuple[dict[int, Routed], dict[int, float] | None]:
+    """Routing per requested expert (summed weight, best rank: `experts` lists a token's choices in rank
+    order), and every expert's mean router probability when all events carry logits."""
+    weight: dict[int, float] = {}
+    tokens: dict[int, int] = {}
+    rank: dict[int, int] = {}
+    for event in events:
+        for position, expert in enumerate(event.experts):
+            tokens[expert] = tokens.get(expert, 0) + 1
+            weight[expert] = weight.get(expert, 0.0) + (event.weights[position] if event.weights else 0.0)
+            rank[expert] = min(rank.get(expert, position), position)
+    routing = {e: Routed(tokens[e], weight[e], rank[e]) for e in sorted(tokens)}
+    if not events or any(e.logits is None for e in events):
+        return routing, None
+    logits = np.array([e.logits for e in events], dtype=np.float64)  # [T, E]
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return routing, dict(enumerate(probs.mean(axis=0).tolist()))
 
 
 # ---- reading ------------------------------------------------------------------------------------

@@ -93,5 +93,7 @@ def run_pass(manager: CacheManager, layers: dict[int, dict[int, int]], predicted
     """One forward pass: `layers` maps each MoE layer to its requests (expert -> tokens)."""
     manager.begin_pass(info)
     for layer, requests in layers.items():
-        manager.run_layer(layer, requests, None if predicted is None else predicted.get(layer))
+        rows = None if predicted is None else predicted.get(layer)  # the next MoE layer's predicted logits
+        ahead = manager.prediction_layers(layer)
+        manager.run_layer(layer, requests, {ahead[0]: rows} if rows is not None and ahead else None)
     manager.end_pass()

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specmd.cache.keys import ExpertKey
-from specmd.cache.policies.base import Future
+from specmd.cache.policies.base import Future, Routed
 from specmd.cache.policies.spec import catalog
 from tests.cache.conftest import make_manager
 
@@ -22,6 +22,7 @@ LAYERS = (0, 1, 2)
 EXPERTS = 6
 EVICTIONS = [name for kind, name, _, _ in catalog() if kind == "eviction"]
 PREFETCHES = [name for kind, name, _, _ in catalog() if kind == "prefetch"]
+MISSES = [name for kind, name, _, _ in catalog() if kind == "miss"]
 
 layer_requests = st.dictionaries(st.integers(0, EXPERTS - 1), st.integers(1, 3), min_size=1, max_size=4)
 passes = st.lists(st.fixed_dictionaries({layer: layer_requests for layer in LAYERS}), min_size=1, max_size=8)
@@ -49,7 +50,10 @@ def run(manager, stream, predictions):  # type: ignore[no-untyped-def]
     for index, layers in enumerate(stream):
         manager.begin_pass(PassInfo(sequences=1, tokens=1, attended=index + 1, context=index + 1, prefill=index == 0))
         for layer, requests in layers.items():
-            manager.run_layer(layer, requests, predictions if manager.wants_predictions else None)
+            ahead = manager.prediction_layers(layer)
+            routing = {e: Routed(n, 0.1 * n, rank) for rank, (e, n) in enumerate(sorted(requests.items()))}
+            probs = {e: (e + 1) / (EXPERTS * (EXPERTS + 1) / 2) for e in range(EXPERTS)}
+            manager.run_layer(layer, requests, {target: predictions for target in ahead} or None, None, routing, probs)
         manager.end_pass()
     return manager.snapshot()
 
@@ -63,15 +67,16 @@ def comparable(stats):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("eviction", EVICTIONS)
 @settings(max_examples=40, deadline=None)
 @given(
+    miss=st.sampled_from(MISSES),
     stream=passes,
     capacity=st.integers(1, len(LAYERS) * EXPERTS),
     bandwidth=st.sampled_from([None, 0.5, 1.0, 8.0]),
     predicted=st.lists(logits, min_size=1, max_size=3),
 )
-def test_contract(eviction: str, prefetch: str, stream, capacity, bandwidth, predicted) -> None:  # type: ignore[no-untyped-def]
+def test_contract(eviction: str, prefetch: str, miss, stream, capacity, bandwidth, predicted) -> None:  # type: ignore[no-untyped-def]
     def fresh():  # type: ignore[no-untyped-def]
         return make_manager(
-            f"{prefetch}/{eviction}/fetch/standard",
+            f"{prefetch}/{eviction}/{miss}/standard",
             capacity_experts=capacity,
             layers=LAYERS,
             num_experts=EXPERTS,
@@ -86,46 +91,65 @@ def test_contract(eviction: str, prefetch: str, stream, capacity, bandwidth, pre
         assert layer["hits"] + layer["late_prefetches"] + layer["misses"] == layer["requests"]
     assert stats.prefetches_used <= stats.prefetches_issued
     assert stats.collision_misses <= stats.misses
+    assert stats.drops + stats.substitutions <= stats.misses
     assert stats.peak_resident_bytes <= stats.capacity_bytes
     assert not any(manager.cache.get(k).pins for k in manager.cache.resident())  # every pin released
     assert comparable(run(fresh(), stream, predicted)) == comparable(stats)
 
 
 def reference_victims(stream, capacity: int, order):  # type: ignore[no-untyped-def]
-    """Evictions of a demand-only cache that mirrors the manager's per-layer order, victims by `order`."""
-    resident: dict[tuple[int, int], tuple] = {}
+    """Evictions of a demand-only cache that mirrors the manager's per-layer order, victims by `order`.
+
+    `order(key, state)` ranks evictable keys (lowest first); `state` holds each resident key's last
+    (pass, clock) touch, every expert's use count and accumulated routing weight (kept across evictions),
+    the current pass and layer, and the number of layers seen.
+    """
+    touched: dict[tuple[int, int], tuple[int, int]] = {}
+    state = {"touched": touched, "uses": {}, "score": {}, "pass": 0, "layer": 0, "span": 1}
     evicted = []
     clock = 0
+
+    def use(k):  # type: ignore[no-untyped-def]
+        nonlocal clock
+        clock += 1
+        touched[k] = (state["pass"], clock)
+        state["uses"][k] = state["uses"].get(k, 0) + 1
+        state["span"] = max(state["span"], k[0] + 1)
+
     for pass_idx, layers in enumerate(stream, start=1):
+        state["pass"] = pass_idx
         for layer, requests in layers.items():
+            state["layer"] = layer
             wanted = sorted(requests)
-            misses = []
-            for expert in wanted:
-                clock += 1
-                if (layer, expert) in resident:
-                    resident[(layer, expert)] = (pass_idx, clock)
-                else:
-                    misses.append(expert)
-            for expert in misses:
-                while len(resident) >= capacity:
-                    candidates = [k for k in resident if not (k[0] == layer and k[1] in wanted)]
-                    victim = min(candidates, key=lambda k: order(k, resident[k], pass_idx))
-                    del resident[victim]
+            for e in wanted:
+                state["score"][(layer, e)] = state["score"].get((layer, e), 0.0) + 0.1 * requests[e]
+            misses = [e for e in wanted if (layer, e) not in touched]
+            for e in wanted:
+                if (layer, e) in touched:
+                    use((layer, e))
+            for e in misses:
+                while len(touched) >= capacity:
+                    candidates = [k for k in touched if not (k[0] == layer and k[1] in wanted)]
+                    victim = min(candidates, key=lambda k: order(k, state))
+                    del touched[victim]
                     evicted.append(victim)
-                clock += 1
-                resident[(layer, expert)] = (pass_idx, clock)
+                use((layer, e))
     return evicted
 
 
 REFERENCE_ORDER = {
-    "lru": lambda key, touched, now_pass: touched[1],
+    "lru": lambda k, s: s["touched"][k][1],
     # current (touched this pass) after stale; stale by the pass it went stale in; then layer, then order.
-    "least-stale": lambda key, touched, now_pass: (
-        touched[0] == now_pass,
-        0 if touched[0] == now_pass else touched[0],
-        key[0],
-        touched[1],
+    "least-stale": lambda k, s: (
+        s["touched"][k][0] == s["pass"],
+        0 if s["touched"][k][0] == s["pass"] else s["touched"][k][0],
+        k[0],
+        s["touched"][k][1],
     ),
+    "lfu": lambda k, s: (s["uses"][k], s["touched"][k][1]),
+    "lhu": lambda k, s: (s["uses"][k], s["touched"][k][1]),  # one full-precision copy: high uses = uses
+    "fld": lambda k, s: (-((k[0] - s["layer"]) % s["span"]), s["touched"][k][1]),
+    "score": lambda k, s: (s["score"].get(k, 0.0), s["touched"][k][1]),
 }
 
 

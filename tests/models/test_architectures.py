@@ -325,3 +325,14 @@ def test_traces_record_and_replay_exactly(built: Built, tmp_path: Path, policy: 
     replayed = replay(trace, policy=policy, cache_frac=0.25, bandwidth_gbps=5.0).to_dict()
     wall = ("wall_ttft_s", "wall_tokens_per_s")
     assert {k: v for k, v in replayed.items() if k not in wall} == {k: v for k, v in live.items() if k not in wall}
+
+
+def test_cache_aware_routing_at_lam_0_is_bit_identical_or_refused(built: Built) -> None:
+    policy = "none/lru/fetch/cache-aware:lam=0"
+    if built.arch.offload is OffloadPhi:  # sparsemixer cannot re-select from biased logits
+        with pytest.raises(ValueError, match="cannot do"):
+            load(built.paths["legacy"], cache_frac=0.25, policy=policy)
+        return
+    with load(built.paths["legacy"], cache_frac=0.25, policy=policy) as model, torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, built.reference["logits"])
+        assert torch.equal(greedy(model, PROMPT), built.reference["tokens"])

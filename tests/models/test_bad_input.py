@@ -78,16 +78,6 @@ def test_other_settings(checkpoint: Path, kwargs: dict, match: str) -> None:
         load(checkpoint, cache_frac=0.5, **kwargs)
 
 
-def test_routing_that_changes_choices_is_refused_for_now(checkpoint: Path) -> None:
-    from specmd.cache.policies import RoutingPolicy
-
-    class LeanToResident(RoutingPolicy):
-        neutral = False
-
-    with pytest.raises(ValueError, match="changes which experts are chosen"):
-        load(checkpoint, cache_frac=0.5, policy={"routing": LeanToResident()})
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("llama")

@@ -7,7 +7,7 @@ same objects run live inside a model and in trace replay.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -42,8 +42,25 @@ class Future:
     requests: dict[tuple[int, int], dict[int, int]]
 
 
+class Routed(NamedTuple):
+    """How a layer's real tokens chose one expert in one pass."""
+
+    tokens: int
+    """Tokens routed to it."""
+    weight: float
+    """The sum of their routing weights."""
+    rank: int
+    """Its best position in any of those tokens' top-k (0 = a first choice)."""
+
+
 class EvictionPolicy(ABC):
     """Decides which resident expert leaves the cache when room is needed."""
+
+    needs_routing: bool = False
+    """Whether the engine must call `observe` with each layer's routing before serving it."""
+
+    def observe(self, layer: int, routing: Mapping[int, Routed], now: Tick) -> None:  # noqa: B027 - optional hook
+        """How `layer`'s requests of this pass were routed (only called when `needs_routing`)."""
 
     @abstractmethod
     def on_access(self, key: ExpertKey, now: Tick) -> None:
@@ -75,6 +92,8 @@ class PrefetchPolicy(ABC):
 
     needs_logits: bool = True
     """Whether the engine must compute predicted router logits for `on_route` (a cost per layer)."""
+    depth: int = 1
+    """How many MoE layers ahead it prefetches (each predicted with its own router on this layer's input)."""
 
     @abstractmethod
     def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
@@ -83,24 +102,85 @@ class PrefetchPolicy(ABC):
 
 @dataclass(frozen=True)
 class Fetch:
-    """Miss action: load the expert at `precision` and wait for it."""
+    """Miss action: use the expert at `precision`, loading it if that copy is not resident."""
 
     precision: str
 
 
-MissAction = Fetch
+@dataclass(frozen=True)
+class Drop:
+    """Miss action: skip the expert; its tokens get no contribution from it."""
+
+
+@dataclass(frozen=True)
+class Substitute:
+    """Miss action: run the tokens through resident `expert` (same layer, copy at `precision`) instead."""
+
+    expert: int
+    precision: str
+
+
+MissAction = Fetch | Drop | Substitute
+
+
+@dataclass(frozen=True)
+class MissContext:
+    """What a miss policy may consult about the layer being served.
+
+    Attributes:
+        layer: the MoE layer.
+        routing: how the layer's tokens chose each requested expert.
+        probs: each expert's router probability averaged over the layer's tokens, when known
+            (live always; in replay when the trace records logits), else None.
+        resident: keys of this layer resident and ready now, at any precision.
+        stored: the stored precisions and the bytes of one expert at each, the requested one first.
+        wait_s: emulated seconds until a transfer issued now would start (the link's queue).
+        bandwidth_bytes_s: the link's bytes per second (None: transfers take no emulated time).
+        latency_s: the link's fixed cost per transfer.
+    """
+
+    layer: int
+    routing: Mapping[int, Routed]
+    probs: Mapping[int, float] | None
+    resident: Sequence[ExpertKey]
+    stored: Mapping[str, int]
+    wait_s: float
+    bandwidth_bytes_s: float | None
+    latency_s: float
+
+    def transfer_s(self, nbytes: int) -> float:
+        """Emulated seconds a transfer of `nbytes` issued now would take to land."""
+        if self.bandwidth_bytes_s is None:
+            return 0.0
+        return self.wait_s + self.latency_s + nbytes / self.bandwidth_bytes_s
 
 
 class MissPolicy(ABC):
     """Decides what a miss costs: which copy to fetch, or what to do instead."""
 
+    needs_routing: bool = False
+    """Whether the policy reads `MissContext.routing` weights and ranks (live runs then compute them)."""
+    needs_probs: bool = False
+    """Whether the policy reads `MissContext.probs` (live runs then compute them)."""
+
     @abstractmethod
-    def on_miss(self, key: ExpertKey, now: Tick) -> MissAction:
-        """The action for a request of `key` that is not resident."""
+    def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
+        """The action for a request of `key` (at the requested precision) that is not resident."""
 
 
-class RoutingPolicy(ABC):  # noqa: B024 - a kind of policy; routing that changes choices brings its methods
-    """May steer the router toward resident experts; the standard policy leaves routing untouched."""
+class RoutingPolicy(ABC):
+    """May steer the router toward resident experts; the standard policy leaves routing untouched.
+
+    Dual-logit semantics: the biased logits choose a token's experts; the original logits weigh them.
+    """
 
     neutral: bool = False
     """True when the policy never changes which experts the native router picks."""
+
+    @abstractmethod
+    def bias(self, layer: int, resident: Sequence[int], margin: float, now: Tick) -> Mapping[int, float] | None:
+        """Logit offsets (expert -> offset) for `layer` given its resident experts, or None for no change.
+
+        `margin` is this pass's mean gap, over the layer's tokens, between the top-1 logit and the
+        top-k-th one: the scale on which routing decisions are made.
+        """

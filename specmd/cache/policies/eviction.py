@@ -7,9 +7,10 @@ import itertools
 import math
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from specmd.cache.keys import ExpertKey, Tick
-from specmd.cache.policies.base import Candidates, EvictionPolicy, Future
+from specmd.cache.policies.base import Candidates, EvictionPolicy, Future, Routed
 from specmd.cache.policies.spec import register_eviction
 
 
@@ -153,4 +154,154 @@ class Belady(EvictionPolicy):
         if victim is None:
             raise LookupError("Belady found no evictable expert")
         del self._next[victim]
+        return victim
+
+
+class _LowestFirst(EvictionPolicy):
+    """Shared bookkeeping for policies that evict the lowest-valued resident key (ties: least recent).
+
+    A subclass sets a key's value with `_set`; a lazy heap keeps the order at O(log N) per update.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, ExpertKey]] = []  # (value, recency, key)
+        self._live: dict[ExpertKey, int] = {}  # key -> recency of its live heap entry
+        self._counter = itertools.count()
+
+    def _set(self, key: ExpertKey, value: float) -> None:
+        recency = next(self._counter)
+        self._live[key] = recency
+        heapq.heappush(self._heap, (value, recency, key))
+
+    def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
+        held = []
+        victim = None
+        while self._heap:
+            item = heapq.heappop(self._heap)
+            key = item[2]
+            if self._live.get(key) != item[1]:
+                continue  # superseded
+            if key in candidates:
+                victim = key
+                break
+            held.append(item)
+        for item in held:
+            heapq.heappush(self._heap, item)
+        if victim is None:
+            raise LookupError(f"{type(self).__name__} found no evictable expert")
+        del self._live[victim]
+        return victim
+
+
+@register_eviction("lfu")
+class LFU(_LowestFirst):
+    """Least frequently used: evicts the expert requested least often so far (ties: least recent).
+
+    Counts are kept per expert copy across evictions, so an expert's popularity survives its
+    eviction (the "perfect" LFU of the caching literature); a load counts as a use.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._uses: dict[ExpertKey, int] = {}
+
+    def _use(self, key: ExpertKey, now: Tick) -> None:
+        self._uses[key] = self._uses.get(key, 0) + 1
+        self._set(key, self._uses[key])
+
+    on_access = _use
+    on_insert = _use
+
+
+HIGH_PRECISIONS = frozenset({"bf16", "fp16", "fp32"})
+
+
+@register_eviction("lhu")
+class LHU(_LowestFirst):
+    """Least high-precision used (HOBBIT-style): evicts the expert used least often at high precision.
+
+    For precision cascades: an expert's count grows only when a full-precision copy (bf16, fp16 or
+    fp32, the checkpoint's floating dtypes) is requested or loaded, and every copy of the expert is
+    ranked by that count, so experts the cascade keeps demoting leave first. Ties: least recent.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._high_uses: dict[tuple[int, int], int] = {}
+
+    def _use(self, key: ExpertKey, now: Tick) -> None:
+        expert = (key.layer, key.expert)
+        if key.precision in HIGH_PRECISIONS:
+            self._high_uses[expert] = self._high_uses.get(expert, 0) + 1
+        self._set(key, self._high_uses.get(expert, 0))
+
+    on_access = _use
+    on_insert = _use
+
+
+@register_eviction("fld")
+class FarthestLayer(EvictionPolicy):
+    """Farthest layer distance: evicts an expert of the layer the forward pass will reach last.
+
+    Distance is counted forward from the current layer around the pass, (layer - current) mod L, with
+    L the number of layers seen: the layer just finished is the farthest, the next layer the nearest.
+    Within a layer the least recently used leaves first.
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[int, OrderedDict[ExpertKey, None]] = {}
+
+    def _use(self, key: ExpertKey, now: Tick) -> None:
+        bucket = self._layers.setdefault(key.layer, OrderedDict())
+        bucket[key] = None
+        bucket.move_to_end(key)
+
+    on_access = _use
+    on_insert = _use
+
+    def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
+        span = max(self._layers) + 1
+        current = max(now.layer, 0)
+        for layer in sorted(self._layers, key=lambda lay: (lay - current) % span, reverse=True):
+            bucket = self._layers[layer]
+            for key in bucket:
+                if key in candidates:
+                    del bucket[key]
+                    return key
+        raise LookupError("FLD found no evictable expert")
+
+
+@register_eviction("score", "sb")
+class ScoreBased(_LowestFirst):
+    """Score-based: evicts the expert with the lowest accumulated gate score.
+
+    Each pass adds the routing weights the expert received (summed over tokens) to its score; scores
+    accumulate without decay for the life of the cache. An expert never routed to (only prefetched)
+    scores 0. Ties: least recent.
+    """
+
+    needs_routing = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._score: dict[tuple[int, int], float] = {}
+        self._resident: dict[tuple[int, int], set[ExpertKey]] = {}
+
+    def observe(self, layer: int, routing: Mapping[int, Routed], now: Tick) -> None:
+        for expert, routed in routing.items():
+            ident = (layer, expert)
+            self._score[ident] = self._score.get(ident, 0.0) + routed.weight
+            for key in self._resident.get(ident, ()):
+                self._set(key, self._score[ident])
+
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
+        self._set(key, self._score.get((key.layer, key.expert), 0.0))
+
+    def on_insert(self, key: ExpertKey, now: Tick) -> None:
+        self._resident.setdefault((key.layer, key.expert), set()).add(key)
+        self.on_access(key, now)
+
+    def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
+        victim = super().choose_victim(candidates, now)
+        self._resident[(victim.layer, victim.expert)].discard(victim)
         return victim

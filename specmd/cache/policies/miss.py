@@ -1,15 +1,146 @@
-"""Miss policies: what a request for a non-resident expert does."""
+"""Miss policies: what a request for a non-resident expert does (fetch, at which precision, drop, substitute)."""
 
 from __future__ import annotations
 
 from specmd.cache.keys import ExpertKey, Tick
-from specmd.cache.policies.base import Fetch, MissAction, MissPolicy
+from specmd.cache.policies.base import Drop, Fetch, MissAction, MissContext, MissPolicy, Substitute
 from specmd.cache.policies.spec import register_miss
+
+PRECISION_ALIASES = {"int4": "nf4", "int2": "hqq2"}
+
+
+def _resident_copy(key: ExpertKey, context: MissContext) -> str | None:
+    """The largest resident precision of `key`'s expert, if any copy is ready."""
+    copies = [k.precision for k in context.resident if k.expert == key.expert]
+    return max(copies, key=context.stored.__getitem__) if copies else None
 
 
 @register_miss("fetch")
 class FetchOnMiss(MissPolicy):
     """Fetch the requested expert at its requested precision and wait for it (lossless)."""
 
-    def on_miss(self, key: ExpertKey, now: Tick) -> MissAction:
+    def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
         return Fetch(key.precision)
+
+
+@register_miss("fetch-lowest-bit")
+class FetchLowestBit(MissPolicy):
+    """Use a resident copy of the expert at any precision if there is one, else fetch the smallest stored copy."""
+
+    def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
+        resident = _resident_copy(key, context)
+        return Fetch(resident or min(context.stored, key=context.stored.__getitem__))
+
+
+@register_miss("fetch-priority")
+class FetchPriority(MissPolicy):
+    """Important experts at full precision; the rest at a lower precision when the transfer would stall.
+
+    An expert whose summed routing weight is at or above the `percentile` (default 60th) of the weights
+    of this layer's requested experts is fetched at the requested precision. Any other miss that would
+    stall (the link takes emulated time) uses the first of `fallback` (int8, then int4 = nf4, then int2 =
+    hqq2) that is stored and smaller than the requested copy: a resident copy at that precision if there
+    is one, else a transfer. With nothing to fall back to, it fetches the requested precision.
+    """
+
+    needs_routing = True
+
+    def __init__(self, percentile: float = 60.0, fallback: tuple[str, ...] = ("int8", "int4", "int2")) -> None:
+        if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 <= percentile <= 100:
+            raise ValueError(f"fetch-priority percentile must be a number in [0, 100], got {percentile!r}")
+        self.percentile = float(percentile)
+        self.fallback = tuple(PRECISION_ALIASES.get(p, p) for p in fallback)
+
+    def _threshold(self, context: MissContext) -> float:
+        weights = sorted(r.weight for r in context.routing.values())
+        return weights[min(len(weights) - 1, int(len(weights) * self.percentile / 100))]
+
+    def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
+        routed = context.routing[key.expert]
+        full = context.stored[key.precision]
+        if routed.weight >= self._threshold(context) or context.transfer_s(full) == 0.0:
+            return Fetch(key.precision)
+        for precision in self.fallback:
+            if context.stored.get(precision, full) < full:
+                return Fetch(precision)
+        return Fetch(key.precision)
+
+
+@register_miss("drop")
+class DropOnMiss(MissPolicy):
+    """Skip a missing expert whose best rank in its tokens' top-k is `rank` or worse (1 = first choice;
+    default 3); better-ranked experts are fetched. A dropped expert contributes nothing to its tokens."""
+
+    needs_routing = True
+
+    def __init__(self, rank: int = 3) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 2:
+            raise ValueError(f"drop rank must be an integer >= 2 (the first choice is always fetched), got {rank!r}")
+        self.rank = rank
+
+    def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
+        if context.routing[key.expert].rank + 1 >= self.rank:
+            return Drop()
+        return Fetch(key.precision)
+
+
+@register_miss("substitute")
+class SubstituteOnMiss(MissPolicy):
+    """Run a missing expert's tokens through the resident expert of the same layer whose router
+    probability is closest to its own, if within `tolerance` (absolute difference of mean probabilities
+    over the layer's tokens); never for a token's first choice (best rank 1); otherwise fetch.
+
+    Probabilities come from the layer's router logits: always known live; in replay only when the trace
+    records logits (without them, every miss is fetched).
+    """
+
+    needs_routing = True
+    needs_probs = True
+
+    def __init__(self, tolerance: float = 0.1) -> None:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
+            raise ValueError(f"substitute tolerance must be a number >= 0, got {tolerance!r}")
+        self.tolerance = float(tolerance)
+
+    def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
+        probs = context.probs
+        if probs is None or context.routing[key.expert].rank == 0:
+            return Fetch(key.precision)
+        target = probs[key.expert]
+        best = min(
+            (k for k in context.resident if k.expert != key.expert),
+            key=lambda k: (abs(probs[k.expert] - target), -context.stored[k.precision], k.expert),
+            default=None,
+        )
+        if best is None or abs(probs[best.expert] - target) > self.tolerance:
+            return Fetch(key.precision)
+        return Substitute(best.expert, best.precision)
+
+
+@register_miss("cascade")
+class Cascade(MissPolicy):
+    """HOBBIT-style precision cascade: the expert's mean routing weight per token picks the precision.
+
+    With stored precisions ordered from largest to smallest, a weight at or above `thresholds[0]`
+    (default 0.2) gets the first, at or above `thresholds[1]` (default 0.1) the second, and so on;
+    below every threshold, the smallest. A resident copy at the chosen precision is used as is.
+    """
+
+    needs_routing = True
+
+    def __init__(self, thresholds: tuple[float, ...] = (0.2, 0.1)) -> None:
+        values = tuple(thresholds)
+        if (
+            not values
+            or any(not isinstance(v, int | float) or isinstance(v, bool) for v in values)
+            or list(values) != sorted(values, reverse=True)
+        ):
+            raise ValueError(f"cascade thresholds must be numbers in decreasing order, got {thresholds!r}")
+        self.thresholds = values
+
+    def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
+        routed = context.routing[key.expert]
+        weight = routed.weight / routed.tokens if routed.tokens else 0.0
+        ladder = sorted(context.stored, key=context.stored.__getitem__, reverse=True)
+        level = sum(weight < t for t in self.thresholds)
+        return Fetch(ladder[min(level, len(ladder) - 1)])

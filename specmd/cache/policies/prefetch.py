@@ -64,3 +64,52 @@ class Oracle(PrefetchPolicy):
             raise RuntimeError("oracle prefetch needs the future: it runs only in trace replay")
         wanted = self._requests.get((now.pass_idx, route.layer), {})
         return sorted(wanted, key=lambda e: (-wanted[e], e))
+
+
+def _softmax(row: Sequence[float]) -> list[float]:
+    top = max(row)
+    exps = [math.exp(x - top) for x in row]
+    total = sum(exps)
+    return [x / total for x in exps]
+
+
+@register_prefetch("score")
+class ScorePrefetch(PrefetchPolicy):
+    """Score-based: per token, the next layer's experts that together hold the top `percentile`% of the
+    predicted probability mass (softmax of the predicted logits).
+
+    The number per layer adapts: a confident prediction needs few experts, a flat one many. Our reading
+    of the paper's "above the 80th percentile of the predicted softmax" is this cumulative-mass rule
+    (a percentile over a single softmax would always pick the same count). The union over the pass's
+    tokens is returned, highest predicted probability first.
+    """
+
+    def __init__(self, percentile: float = 80.0) -> None:
+        if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
+            raise ValueError(f"score percentile must be a number in (0, 100], got {percentile!r}")
+        self.mass = float(percentile) / 100.0
+
+    def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
+        best: dict[int, float] = {}
+        for row in route.logits:
+            probs = _softmax(row)
+            covered = 0.0
+            for expert in sorted(range(len(probs)), key=probs.__getitem__, reverse=True):
+                if probs[expert] > best.get(expert, -1.0):
+                    best[expert] = probs[expert]
+                covered += probs[expert]
+                if covered >= self.mass:
+                    break
+        return sorted(best, key=lambda e: (-best[e], e))
+
+
+@register_prefetch("lookahead")
+class Lookahead(TopK):
+    """Top-k prefetch for the next `depth` MoE layers at once, each predicted by its own router applied to
+    this layer's input (later layers are predicted less accurately, and their transfers start earlier)."""
+
+    def __init__(self, depth: int = 2, overfetch: float = 1.0) -> None:
+        super().__init__(overfetch)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"lookahead depth must be an integer >= 1, got {depth!r}")
+        self.depth = depth

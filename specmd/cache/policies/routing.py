@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+from specmd.cache.keys import Tick
 from specmd.cache.policies.base import RoutingPolicy
 from specmd.cache.policies.spec import register_routing
 
@@ -11,3 +14,29 @@ class StandardRouting(RoutingPolicy):
     """The model's native router, untouched."""
 
     neutral = True
+
+    def bias(self, layer: int, resident: Sequence[int], margin: float, now: Tick) -> Mapping[int, float] | None:
+        return None
+
+
+@register_routing("cache-aware", "mod")
+class CacheAwareRouting(RoutingPolicy):
+    """Cache-aware routing (Skliar et al., Mixture of Cache-Conditional Experts): z' = z + lam * D * 1_C.
+
+    Resident experts' logits are raised by `lam` times D, the running average (over this layer's passes)
+    of the gap between a token's top-1 and top-k-th logits, so `lam` = 1 lets a resident expert overcome
+    a typical routing margin. The raised logits choose the experts; the original logits weigh them.
+    """
+
+    def __init__(self, lam: float = 0.3) -> None:
+        if isinstance(lam, bool) or not isinstance(lam, int | float) or lam < 0:
+            raise ValueError(f"cache-aware lam must be a number >= 0, got {lam!r}")
+        self.lam = float(lam)
+        self._margins: dict[int, tuple[float, int]] = {}  # layer -> (sum of margins, passes)
+
+    def bias(self, layer: int, resident: Sequence[int], margin: float, now: Tick) -> Mapping[int, float] | None:
+        total, count = self._margins.get(layer, (0.0, 0))
+        total, count = total + margin, count + 1
+        self._margins[layer] = (total, count)
+        boost = self.lam * total / count
+        return {expert: boost for expert in resident}

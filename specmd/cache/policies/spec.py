@@ -26,6 +26,53 @@ _ALIASES: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
 
 DEFAULT_POLICY = "topk/least-stale/fetch/standard"
 
+# Named mixes. The SpecMD paper's Table 1 (config1-5) and Table 2 baselines could not be consulted
+# offline beyond config5 = score/least-stale/fetch/standard; the others are specmd's reading, each
+# following the method its name cites (see the descriptions), so they are easy to check and change.
+NAMED_MIXES: dict[str, tuple[str, str]] = {
+    "config1": ("none/lru/fetch/standard", "Table 1 ladder: demand loading, LRU eviction (no prefetch)"),
+    "config2": ("topk/lru/fetch/standard", "Table 1 ladder: top-k next-layer prefetch, LRU"),
+    "config3": ("score/lru/fetch/standard", "Table 1 ladder: score-based (probability-mass) prefetch, LRU"),
+    "config4": ("topk/least-stale/fetch/standard", "Table 1 ladder: top-k prefetch, Least-Stale"),
+    "config5": ("score/least-stale/fetch/standard", "SpecMD's proposal: score-based prefetch, Least-Stale"),
+    "eliseev23": (
+        "topk/lru/fetch/standard",
+        "Eliseev & Mazur 2023 (mixtral-offloading): LRU cache, speculative next-layer gate prefetch; their 2-3 bit "
+        "experts are a store setting (expert_precisions)",
+    ),
+    "zhu25": (
+        "none/lfu/substitute/standard",
+        "Zhu et al. 2025 (importance-driven scheduling): substitute low-importance misses with similar cached "
+        "experts; reuse-oriented eviction modelled as LFU",
+    ),
+    "hobbit24": (
+        "lookahead/lhu/cascade/standard",
+        "Tang et al. 2024 (HOBBIT): precision cascade by gating score, multi-layer prefetch, eviction by "
+        "high-precision use",
+    ),
+    "mixturecache25": (
+        "none/lru/fetch/cache-aware",
+        "Skliar et al. (Mixture of Cache-Conditional Experts): cache-aware routing over an LRU cache",
+    ),
+}
+LEAST_STALE_SUFFIX = "+ls"
+
+
+def named_mix(name: str) -> str | None:
+    """The mix a configuration name stands for ('config5', 'hobbit24+ls', ...), or None."""
+    base = name.strip().lower()
+    least_stale = base.endswith(LEAST_STALE_SUFFIX)
+    if least_stale:
+        base = base[: -len(LEAST_STALE_SUFFIX)]
+    if base not in NAMED_MIXES:
+        return None
+    mix = NAMED_MIXES[base][0]
+    if least_stale:
+        prefetch, _, miss, routing = mix.split("/")
+        mix = f"{prefetch}/least-stale/{miss}/{routing}"
+    return mix
+
+
 T = TypeVar("T", bound=type)
 
 
@@ -72,13 +119,15 @@ def names(kind: str) -> list[str]:
 
 
 def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
-    """(kind, name, aliases, one-line description) of every registered policy."""
+    """(kind, name, aliases, one-line description) of every registered policy and named configuration."""
     rows = []
     for kind in KINDS:
         for name, cls in _REGISTRY[kind].items():
             aliases = tuple(a for a, target in _ALIASES[kind].items() if target == name)
             doc = (inspect.getdoc(cls) or "").splitlines()
             rows.append((kind, name, aliases, doc[0] if doc else ""))
+    for name, (mix, description) in NAMED_MIXES.items():
+        rows.append(("config", name, (name + LEAST_STALE_SUFFIX,), f"{mix}: {description}"))
     return rows
 
 
@@ -194,11 +243,13 @@ class PolicySpec:
         if value is None:
             value = DEFAULT_POLICY
         if isinstance(value, str):
+            value = named_mix(value) or value
             parts = value.split("/")
             if len(parts) != len(KINDS):
+                names = ", ".join(NAMED_MIXES)
                 raise ValueError(
                     f"policy {value!r} must have {len(KINDS)} parts, 'prefetch/eviction/miss/routing' "
-                    f"(e.g. {DEFAULT_POLICY!r})"
+                    f"(e.g. {DEFAULT_POLICY!r}), or name a configuration: {names} (each also with '+ls')"
                 )
             given: Mapping[str, Any] = dict(zip(KINDS, parts, strict=True))
         elif isinstance(value, Mapping):

@@ -1,0 +1,81 @@
+"""The watchdog thread: copies in issue order, stolen by the main thread when needed first, cancelled on eviction."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from specmd.cache.prefetcher import Watchdog
+from specmd.cache.transfer import DONE, CpuCopier
+
+
+class GatedCopier(CpuCopier):
+    """Blocks the watchdog thread inside its first copy until released."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.threads: list[str] = []
+
+    def copy(self, dst, src):  # type: ignore[no-untyped-def]
+        self.threads.append(threading.current_thread().name)
+        if len(self.threads) == 1:
+            self.started.set()
+            self.release.wait(5)
+        dst.copy_(src)
+        return DONE
+
+
+def test_the_main_thread_does_a_copy_the_watchdog_has_not_reached() -> None:
+    copier = GatedCopier()
+    watchdog = Watchdog(copier)
+    try:
+        first = watchdog.submit(torch.zeros(4), torch.ones(4))
+        copier.started.wait(5)  # the watchdog is stuck inside the first copy
+        dst = torch.zeros(4)
+        second = watchdog.submit(dst, torch.full((4,), 2.0))
+        second.wait()  # returns without the watchdog: the main thread copied
+        assert torch.equal(dst, torch.full((4,), 2.0))
+        assert copier.threads == ["specmd-watchdog", threading.current_thread().name]
+        copier.release.set()
+        first.wait()
+    finally:
+        copier.release.set()
+        watchdog.stop()
+
+
+def test_retiring_a_pending_copy_cancels_it() -> None:
+    copier = GatedCopier()
+    watchdog = Watchdog(copier)
+    try:
+        watchdog.submit(torch.zeros(4), torch.ones(4))
+        copier.started.wait(5)
+        dst = torch.zeros(4)
+        watchdog.submit(dst, torch.ones(4)).retire()
+        copier.release.set()
+        watchdog.stop()
+        assert torch.equal(dst, torch.zeros(4))  # never written: its slot may belong to another expert now
+        assert len(copier.threads) == 1
+    finally:
+        copier.release.set()
+        watchdog.stop()
+
+
+def test_copy_errors_reach_the_waiter_and_the_check() -> None:
+    watchdog = Watchdog(CpuCopier())
+    try:
+        ticket = watchdog.submit(torch.zeros(4), torch.empty(4, device="meta"))
+        with pytest.raises(RuntimeError, match="watchdog"):
+            ticket.wait()
+        with pytest.raises(RuntimeError, match="watchdog"):
+            watchdog.check()
+    finally:
+        watchdog.stop()
+
+
+def test_a_stopped_watchdog_takes_no_more_copies() -> None:
+    watchdog = Watchdog(CpuCopier())
+    watchdog.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        watchdog.submit(torch.zeros(1), torch.zeros(1))
