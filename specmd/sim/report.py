@@ -113,6 +113,14 @@ def _capacities(group: Sequence[dict[str, Any]]) -> list[float]:
     return sorted({r["cache_frac"] for r in _bounded(group)})
 
 
+def _by_policy(group: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Bounded runs grouped by policy label, each sorted by capacity."""
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in _bounded(group):
+        runs[label(r)].append(r)
+    return [(name, sorted(rs, key=lambda r: r["cache_frac"])) for name, rs in sorted(runs.items())]
+
+
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -157,11 +165,7 @@ def prefetch_figure(group: Sequence[dict[str, Any]], path: Path) -> None:
     """Prefetch precision and recall against capacity, and hit rate against stall (paper Fig. 6)."""
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    by_policy: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in _bounded(group):
-        by_policy[label(r)].append(r)
-    for name, runs in sorted(by_policy.items()):
-        runs.sort(key=lambda r: r["cache_frac"])
+    for name, runs in _by_policy(group):
         if any(r["prefetches_issued"] for r in runs):
             fracs = [r["cache_frac"] * 100 for r in runs]
             (line,) = left.plot(fracs, [r["prefetch_precision"] for r in runs], marker="o", label=f"{name} precision")
@@ -184,11 +188,7 @@ def capacity_figure(group: Sequence[dict[str, Any]], path: Path) -> None:
     """Hit rate and TTFT against cache capacity."""
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    by_policy: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in _bounded(group):
-        by_policy[label(r)].append(r)
-    for name, runs in sorted(by_policy.items()):
-        runs.sort(key=lambda r: r["cache_frac"])
+    for name, runs in _by_policy(group):
         fracs = [r["cache_frac"] * 100 for r in runs]
         left.plot(fracs, [r["hit_rate"] for r in runs], marker="o", label=name)
         right.plot(fracs, [r["ttft_s"] * 1e3 for r in runs], marker="o", label=name)

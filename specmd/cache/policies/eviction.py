@@ -14,6 +14,29 @@ from specmd.cache.policies.base import Candidates, EvictionPolicy, Future, Route
 from specmd.cache.policies.spec import register_eviction
 
 
+def _pop_evictable(heap: list, live: dict[ExpertKey, int], candidates: Candidates) -> ExpertKey | None:
+    """Pop a lazy heap (entries end with (sequence number, key)) down to its first live, evictable key.
+
+    Entries whose sequence number is no longer the key's live one are stale and dropped; live entries
+    that cannot be evicted now are pushed back. The victim's live mark is removed.
+    """
+    held = []
+    victim = None
+    while heap:
+        item = heapq.heappop(heap)
+        if live.get(item[-1]) != item[-2]:
+            continue  # superseded by a later update
+        if item[-1] in candidates:
+            victim = item[-1]
+            break
+        held.append(item)
+    for item in held:
+        heapq.heappush(heap, item)
+    if victim is not None:
+        del live[victim]
+    return victim
+
+
 @register_eviction("lru")
 class LRU(EvictionPolicy):
     """Least recently used: evicts the expert whose last request (or arrival) is oldest."""
@@ -85,76 +108,11 @@ class LeastStale(EvictionPolicy):
 
     def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
         self._roll(now)
-        live = self._live
         for heap in (self._stale, self._current):
-            held: list = []
-            victim = None
-            while heap:
-                item = heapq.heappop(heap)
-                key, seq = item[-1], item[-2]
-                if live.get(key) != seq:
-                    continue  # superseded by a later access
-                if key in candidates:
-                    victim = key
-                    break
-                held.append(item)
-            for item in held:
-                heapq.heappush(heap, item)
+            victim = _pop_evictable(heap, self._live, candidates)
             if victim is not None:
-                del live[victim]
                 return victim
         raise LookupError("Least-Stale found no evictable expert")
-
-
-@register_eviction("belady", "min")
-class Belady(EvictionPolicy):
-    """Belady's MIN (replay only): evicts the expert whose next request is farthest in the future.
-
-    With no prefetch and one precision it is the optimal offline policy, the bound every online eviction
-    policy is measured against. An expert never requested again is the first victim; ties go to the
-    lowest (layer, expert).
-    """
-
-    needs_future = True
-
-    def __init__(self) -> None:
-        self._uses: dict[tuple[int, int], list[int]] | None = None
-        self._next: dict[ExpertKey, float] = {}  # key -> its next use as last computed (the live heap entry)
-        self._heap: list[tuple[float, int, int, ExpertKey]] = []  # (-next use, layer, expert, key)
-
-    def bind_future(self, future: Future) -> None:
-        self._uses = future.uses
-
-    def _note(self, key: ExpertKey, now: Tick) -> None:
-        if self._uses is None:
-            raise RuntimeError("belady eviction needs the future: it runs only in trace replay")
-        uses = self._uses.get((key.layer, key.expert), ())
-        i = bisect_right(uses, now.step)
-        following = uses[i] if i < len(uses) else math.inf
-        self._next[key] = following
-        heapq.heappush(self._heap, (-following, key.layer, key.expert, key))
-
-    on_access = _note
-    on_insert = _note
-
-    def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
-        held = []
-        victim = None
-        while self._heap:
-            item = heapq.heappop(self._heap)
-            key = item[-1]
-            if self._next.get(key) != -item[0]:
-                continue  # superseded by a later request
-            if key in candidates:
-                victim = key
-                break
-            held.append(item)
-        for item in held:
-            heapq.heappush(self._heap, item)
-        if victim is None:
-            raise LookupError("Belady found no evictable expert")
-        del self._next[victim]
-        return victim
 
 
 class _LowestFirst(EvictionPolicy):
@@ -165,7 +123,7 @@ class _LowestFirst(EvictionPolicy):
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, ExpertKey]] = []  # (value, recency, key)
-        self._live: dict[ExpertKey, int] = {}  # key -> recency of its live heap entry
+        self._live: dict[ExpertKey, int] = {}  # key -> recency of its live heap entry (lazy deletion)
         self._counter = itertools.count()
 
     def _set(self, key: ExpertKey, value: float) -> None:
@@ -174,23 +132,39 @@ class _LowestFirst(EvictionPolicy):
         heapq.heappush(self._heap, (value, recency, key))
 
     def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
-        held = []
-        victim = None
-        while self._heap:
-            item = heapq.heappop(self._heap)
-            key = item[2]
-            if self._live.get(key) != item[1]:
-                continue  # superseded
-            if key in candidates:
-                victim = key
-                break
-            held.append(item)
-        for item in held:
-            heapq.heappush(self._heap, item)
+        victim = _pop_evictable(self._heap, self._live, candidates)
         if victim is None:
             raise LookupError(f"{type(self).__name__} found no evictable expert")
-        del self._live[victim]
         return victim
+
+
+@register_eviction("belady", "min")
+class Belady(_LowestFirst):
+    """Belady's MIN (replay only): evicts the expert whose next request is farthest in the future.
+
+    With no prefetch and one precision it is the optimal offline policy, the bound every online eviction
+    policy is measured against. An expert never requested again is the first victim; ties go to the
+    least recently used.
+    """
+
+    needs_future = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._uses: dict[tuple[int, int], list[int]] | None = None
+
+    def bind_future(self, future: Future) -> None:
+        self._uses = future.uses
+
+    def _note(self, key: ExpertKey, now: Tick) -> None:
+        if self._uses is None:
+            raise RuntimeError("belady eviction needs the future: it runs only in trace replay")
+        uses = self._uses.get((key.layer, key.expert), ())
+        i = bisect_right(uses, now.step)
+        self._set(key, -(uses[i] if i < len(uses) else math.inf))  # lowest value = farthest next use
+
+    on_access = _note
+    on_insert = _note
 
 
 @register_eviction("lfu")
