@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from rich.console import Console
@@ -355,6 +356,55 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from specmd.eval_tasks import TASK_DIR
+
+    if args.print_task_dir:
+        print(TASK_DIR)
+        return 0
+    try:
+        from lm_eval.utils import handle_non_serializable, make_table
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"specmd eval needs lm_eval ({exc.name} is missing): pip install 'specmd[eval]'") from None
+
+    from specmd.eval_tasks.run import evaluate
+
+    results = evaluate(
+        _model_path(args.model),
+        [name for name in args.tasks.split(",") if name],
+        data=args.data,
+        cache_frac=args.cache_frac if args.cache_bytes is None else None,
+        cache_bytes=args.cache_bytes,
+        policy=args.policy,
+        bandwidth_gbps=args.bandwidth_gbps,
+        hardware=args.hardware,
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        max_gen_toks=args.max_gen_toks,
+        log_samples=args.log_samples,
+        progress=not args.json,
+    )
+    _emit(args, json.loads(json.dumps(results, default=handle_non_serializable)))
+    if not args.json:
+        print(make_table(results))  # lm_eval's own Markdown table, as the lm_eval command prints it
+        capacity = f"{args.cache_bytes} B" if args.cache_bytes else f"{args.cache_frac:.0%}"
+        link = f"{args.bandwidth_gbps} GB/s" if args.bandwidth_gbps else "native speed"
+        table = Table(title=f"expert cache per task: {args.policy}, cache {capacity}, {link}")
+        table.add_column("task", no_wrap=True)
+        for name, _ in METRICS:
+            table.add_column(name, justify="right")
+        table.add_column("MB moved", justify="right")
+        for task, stats in results["config"]["specmd"]["tasks"].items():
+            row = SimpleNamespace(**stats)
+            table.add_row(task, *(fmt(row) for _, fmt in METRICS), f"{row.bytes_transferred / 1e6:,.1f}")
+        out.print(table)
+        out.print(METRIC_NOTE, style="dim")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from specmd.cache.policies import DEFAULT_POLICY
 
@@ -435,6 +485,32 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="directory for report.md and the figures")
     report.add_argument("--json", action="store_true", help="print the written files as JSON")
     report.set_defaults(func=cmd_report)
+
+    evaluate = commands.add_parser(
+        "eval", help="lm_eval tasks (the paper's GSM8K, TruthfulQA, NaturalQuestions) on an offloaded model"
+    )
+    evaluate.add_argument("model", nargs="?", default="default", help="model directory or hub id (default: bundled)")
+    evaluate.add_argument(
+        "--tasks", default="specmd", help="comma-separated lm_eval tasks or tags (default: specmd, the three tasks; "
+        "specmd_paper: their 100-document samples)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--data", default="fixtures", help="where specmd's tasks read documents: fixtures (the shipped offline items, "
+        "default), hub (the standard datasets) or a directory of <dataset>/<split>.jsonl files",
+    )  # fmt: skip
+    evaluate.add_argument("--policy", default=DEFAULT_POLICY, help="prefetch/eviction/miss/routing")
+    _add_cache_options(evaluate, bandwidth=5.0)
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    evaluate.add_argument("--batch-size", type=int, default=1)
+    evaluate.add_argument("--limit", type=float, help="documents per task (a fraction if below 1)")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    evaluate.add_argument("--max-gen-toks", type=int, help="longest generation (default: lm_eval's, 256)")
+    evaluate.add_argument("--log-samples", action="store_true", help="keep every prompt and output in the result")
+    evaluate.add_argument(
+        "--print-task-dir", action="store_true", help="print the task directory for `lm_eval --include_path` and exit"
+    )
+    _add_output_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

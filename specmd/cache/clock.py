@@ -58,10 +58,10 @@ class PassInfo:
     """One forward pass as the compute model sees it (pad tokens excluded).
 
     Attributes:
-        sequences: sequences in the batch.
+        sequences: sequences of the batch with new tokens in this pass.
         tokens: new tokens computed in this pass.
         attended: sum over those tokens of how many positions each attends to.
-        context: sum over sequences of their length after this pass (KV entries read per layer).
+        context: sum over those sequences of their length after this pass (KV entries read per layer).
         prefill: whether the pass starts its sequences (no earlier positions cached).
     """
 
@@ -73,13 +73,14 @@ class PassInfo:
 
     @classmethod
     def for_sequences(cls, past: list[int], new: list[int]) -> PassInfo:
-        """Build from each sequence's cached length before the pass and its new tokens."""
-        attended = sum(n * p + n * (n + 1) // 2 for p, n in zip(past, new, strict=True))
+        """Build from each sequence's cached length before the pass and its new tokens. A sequence with
+        no new tokens (a finished row of a batch, all padding in this pass) takes no part in it."""
+        rows = [(p, n) for p, n in zip(past, new, strict=True) if n]
         return cls(
-            sequences=len(new),
-            tokens=sum(new),
-            attended=attended,
-            context=sum(past) + sum(new),
+            sequences=len(rows),
+            tokens=sum(n for _, n in rows),
+            attended=sum(n * p + n * (n + 1) // 2 for p, n in rows),
+            context=sum(p + n for p, n in rows),
             prefill=not any(past),
         )
 

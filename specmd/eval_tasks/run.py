@@ -1,0 +1,83 @@
+"""`specmd eval`: lm_eval's `simple_evaluate` on the `offload-hf` model with specmd's defaults.
+
+The same evaluation as ``lm_eval --model offload-hf --include_path <TASK_DIR> ...``: the same model class,
+tasks and results dict (scores under `results`, cache metrics under `config.specmd.tasks`), with the
+paper's setting as defaults (5% cache, 5 GB/s link, the default policy) and the offline fixtures as data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from specmd.eval_tasks import MODEL_NAME, TASK_DIR
+from specmd.eval_tasks.data import FIXTURES, data_root
+
+DEFAULT_TASKS = ("specmd",)  # the tag of specmd_gsm8k, specmd_truthfulqa_gen, specmd_nq_open
+
+
+def evaluate(
+    model: str = "default",
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    *,
+    data: str = FIXTURES,
+    cache_frac: float | None = 0.05,
+    cache_bytes: int | None = None,
+    policy: str | None = None,
+    bandwidth_gbps: float | None = 5.0,
+    hardware: str = "a100",
+    dtype: str = "auto",
+    device: str | None = None,
+    batch_size: int = 1,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    max_gen_toks: int | None = None,
+    log_samples: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `model` (a checkpoint, hub id or "default") on lm_eval `tasks`; lm_eval's results dict.
+
+    `data` is where specmd's tasks read documents: "fixtures", "hub" or a JSONL directory (`data.py`).
+    """
+    data_root(data)  # a bad source fails now, not after the model has loaded
+    import lm_eval
+    import torch
+
+    import specmd.eval_tasks.model  # noqa: F401  (registers `offload-hf` even where the .pth hook is not installed)
+
+    model_args: dict[str, Any] = {
+        "pretrained": model,
+        "cache_frac": None if cache_bytes is not None else cache_frac,
+        "cache_bytes": cache_bytes,
+        "bandwidth_gbps": bandwidth_gbps,
+        "hardware": hardware,
+        "dtype": dtype,
+        "progress": progress,
+    }
+    if policy is not None:
+        model_args["policy"] = policy
+    results = lm_eval.simple_evaluate(
+        model=MODEL_NAME,
+        model_args=model_args,
+        tasks=list(tasks),
+        task_manager=_task_manager(tasks, {"specmd_data": data}),
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        batch_size=batch_size,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None,
+        log_samples=log_samples,
+    )
+    if results is None:  # lm_eval returns results on rank 0 only
+        raise RuntimeError("lm_eval returned no results (not the main process)")
+    return dict(results)
+
+
+def _task_manager(tasks: Sequence[str], metadata: dict[str, Any]) -> Any:
+    """specmd's tasks, and lm_eval's own only when asked for one (indexing them all takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    ours = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata)
+    if all(ours.match_tasks([name]) for name in tasks):
+        return ours
+    return TaskManager(include_path=str(TASK_DIR), metadata=metadata)

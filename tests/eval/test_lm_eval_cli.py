@@ -1,0 +1,130 @@
+"""The stock `lm_eval` console script, run as users run it: `--model offload-hf` on every specmd task, and
+`--model hf` still working beside it (same environment, same hook)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specmd.eval_tasks import TASK_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+PTH = REPO / "specmd" / "eval_tasks" / "specmd-lm-eval.pth"
+TASKS = ("specmd_gsm8k", "specmd_truthfulqa_gen", "specmd_nq_open")
+SCORES = {
+    "specmd_gsm8k": ("exact_match,strict-match", "exact_match,flexible-extract"),
+    "specmd_truthfulqa_gen": ("bleu_max,none", "bleu_acc,none", "rouge1_acc,none", "rougeL_max,none"),
+    "specmd_nq_open": ("exact_match,remove_whitespace",),
+}
+CACHE_METRICS = ("hit_rate", "collision_misses", "ttft_s", "wall_ttft_s", "tokens_per_s", "wall_tokens_per_s",
+                 "stall_s", "bytes_transferred", "requests", "hits", "misses", "late_prefetches")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lm_eval_script(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    """The `lm_eval` script beside this interpreter, and an environment where specmd's .pth hook is active.
+
+    An install (`pip install -e .`, as `make test` does) has put the hook in site-packages. A source tree
+    used through PYTHONPATH has not: then the same file is given to the script through the user site
+    directory, which Python reads .pth files from just the same.
+    """
+    script = shutil.which("lm_eval", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.fail(f"no lm_eval console script beside {sys.executable}: install specmd's eval extra")
+    installed = [*site.getsitepackages(), site.getusersitepackages()]
+    if any((Path(directory) / PTH.name).is_file() for directory in installed):
+        return script, offline_env
+    if not site.ENABLE_USER_SITE:
+        pytest.skip("specmd-lm-eval.pth is not installed here and the user site is disabled: pip install -e .")
+    base = tmp_path_factory.mktemp("userbase")
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    user_site = base / "lib" / version / "site-packages"
+    user_site.mkdir(parents=True)
+    shutil.copy(PTH, user_site / PTH.name)
+    return script, offline_env | {"PYTHONUSERBASE": str(base)}
+
+
+class LmEvalRun:
+    """One `lm_eval` run on two documents per task, in a batch of two; started at once, read by `result`."""
+
+    def __init__(self, script: tuple[str, dict[str, str]], out: Path, model: str, model_args: str, tasks: str):
+        command, env = script
+        args = [
+            command, "--model", model, "--model_args", model_args, "--tasks", tasks,
+            "--include_path", str(TASK_DIR), "--metadata", json.dumps({"specmd_data": "fixtures"}),
+            "--limit", "2", "--batch_size", "2", "--gen_kwargs", "max_gen_toks=6", "--device", "cpu",
+            "--output_path", str(out), "--log_samples",
+        ]  # fmt: skip
+        self.out = out
+        self.log = out / "log.txt"
+        out.mkdir(parents=True, exist_ok=True)
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def result(self) -> tuple[dict, dict[str, list[dict]], str]:
+        """The results JSON, the logged samples per task, and the log."""
+        self.process.wait(timeout=600)
+        log = self.log.read_text()
+        assert self.process.returncode == 0, log[-5000:]
+        (results,) = self.out.glob("*/results_*.json")
+        samples = {}
+        for path in self.out.glob("*/samples_*.jsonl"):
+            task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+            samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
+        return json.loads(results.read_text()), samples, log
+
+
+@pytest.fixture(scope="module")
+def runs(lm_eval_script: tuple[str, dict[str, str]], eval_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`--model offload-hf` on every specmd task and `--model hf` on two, run side by side (each lm_eval
+    start indexes lm_eval's thousands of task files, which takes most of a run here)."""
+    out = tmp_path_factory.mktemp("lm-eval")
+    offload = f"pretrained={eval_model},cache_frac=0.25,policy=topk/least-stale/fetch/standard,bandwidth_gbps=5"
+    stock = f"pretrained={eval_model},experts_implementation=eager"
+    started = {
+        "offload-hf": LmEvalRun(lm_eval_script, out / "offload", "offload-hf", offload + ",progress=False", "specmd"),
+        "hf": LmEvalRun(lm_eval_script, out / "hf", "hf", stock, "specmd_nq_open,specmd_truthfulqa_gen"),
+    }
+    try:
+        return {name: run.result() for name, run in started.items()}
+    finally:
+        for run in started.values():
+            if run.process.poll() is None:
+                run.process.kill()
+
+
+def test_offload_hf_scores_every_task_and_records_cache_metrics(runs) -> None:  # type: ignore[no-untyped-def]
+    results, samples, log = runs["offload-hf"]
+    specmd = results["config"]["specmd"]
+    assert specmd["options"]["cache_frac"] == 0.25 and specmd["options"]["bandwidth_gbps"] == 5
+    assert specmd["options"]["policy"]["eviction"]["name"] == "least-stale"
+    for task in TASKS:
+        assert results["n-samples"][task]["effective"] == 2, task
+        for score in SCORES[task]:
+            assert isinstance(results["results"][task][score], float), (task, score)
+        stats = specmd["tasks"][task]
+        for metric in CACHE_METRICS:
+            assert metric in stats, (task, metric)
+        assert stats["lm_eval_requests"] == 2 and stats["prefill_passes"] == 1, task  # one batch of two
+        assert stats["requests"] == stats["hits"] + stats["late_prefetches"] + stats["misses"] > 0, task
+        assert stats["ttft_s"] > 0 and stats["wall_ttft_s"] > 0 and stats["bytes_transferred"] > 0, task
+        assert {sample["doc_id"] for sample in samples[task]} == {0, 1}, task
+        assert f"specmd cache on {task}: hit rate" in log
+
+
+def test_hf_still_runs_and_generates_the_same_text(runs) -> None:  # type: ignore[no-untyped-def]
+    """--model hf in the same environment; with a lossless policy its generations equal offload-hf's."""
+    results, samples, _ = runs["hf"]
+    assert "specmd" not in results["config"]
+    _, offloaded, _ = runs["offload-hf"]
+    for task in ("specmd_nq_open", "specmd_truthfulqa_gen"):
+        assert results["n-samples"][task]["effective"] == 2
+        theirs = sorted((s["doc_id"], s["filter"], s["resps"]) for s in samples[task])
+        mine = sorted((s["doc_id"], s["filter"], s["resps"]) for s in offloaded[task])
+        assert theirs == mine, task
