@@ -1,4 +1,7 @@
-"""The `specmd` command line: `demo`, `generate`, `info`, `policies`. Every command has --help and --json."""
+"""The `specmd` command line: demo, generate, info, policies, trace, replay, sweep, report, eval.
+
+Every command has --help and --json.
+"""
 
 from __future__ import annotations
 
