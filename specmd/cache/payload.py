@@ -21,7 +21,7 @@ from specmd.quant.formats import ExpertFormat, ExpertShape, Weights
 
 @dataclass(slots=True)
 class _Slot:
-    index: int
+    handle: int
     ticket: Ticket
     buffer: Any
     weights: Weights | None = None
@@ -46,16 +46,32 @@ class LivePayload:
         self.shape = shape
         self.wall = wall
         self._slots: dict[ExpertKey, _Slot] = {}
+        self._last: Ticket | None = None  # the latest copy issued; the watchdog runs copies in order
 
     def on_load(self, key: ExpertKey) -> None:
         source = self.store[key]
-        index, slot = self.arena.acquire()
-        destination = slot[: source.numel()]
-        self._slots[key] = _Slot(index, self.watchdog.submit(destination, source), destination)
+        handle = self.arena.acquire(source.numel())
+        if handle is None:
+            self._compact()
+            handle = self.arena.acquire(source.numel())
+            assert handle is not None, "a compacted arena holds every set of experts the capacity admits"
+        destination = self.arena.view(handle)
+        self._last = self.watchdog.submit(destination, source)
+        self._slots[key] = _Slot(handle, self._last, destination)
 
     def on_evict(self, key: ExpertKey) -> None:
         # A copy still running into this slot finishes before any later copy (the watchdog is FIFO).
-        self.arena.release(self._slots.pop(key).index)
+        self.arena.release(self._slots.pop(key).handle)
+
+    def _compact(self) -> None:
+        """Defragment the arena (mixed precisions only): wait for every copy, move blocks, refresh their views."""
+        if self._last is not None:
+            self._last.wait()  # copies land in order, so every block, freed ones included, is quiescent
+        moved = set(self.arena.compact())
+        for slot in self._slots.values():
+            if slot.handle in moved:
+                slot.buffer = self.arena.view(slot.handle)
+                slot.weights = None  # views into the old place; unpacked again on next use
 
     def compute(self, key: ExpertKey, job: Any) -> float:
         slot = self._slots[key]
