@@ -73,9 +73,9 @@ class Int8Format(_BnbFormat):
     def linear(self, x: torch.Tensor, matrix: Any) -> torch.Tensor:
         # bitsandbytes' int8 kernel: activations are quantized per row to int8 too, multiplied in int32
         # (torch._int_mm on CPUs with AVX-512, cuBLASLt on CUDA) and rescaled. Measured here against
-        # dequantizing to x's dtype then F.linear, it was 2-8x faster for an OLMoE-sized and a
-        # Mixtral-sized expert at 1 and 8 tokens (benchmarks/quant.py), because it never writes a
-        # full-size dequantized matrix. The cost is activation rounding (~0.4% relative per row).
+        # dequantizing to x's dtype then F.linear, it was 1.3-3.2x faster for an OLMoE-sized matrix at
+        # 1 and 8 tokens, bf16 and fp32, because it never writes a full-size dequantized matrix (see
+        # benchmarks/RESULTS.md). The cost is activation rounding (~0.5% RMS per matmul).
         xq, xscale, _ = self.bf.int8_vectorwise_quant(x.float())  # [T, cols] int8, [T] fp32
         return torch.ops.bitsandbytes.int8_scaled_mm.default(xq, matrix["q"], xscale, matrix["scale"], dtype=x.dtype)
 
