@@ -56,6 +56,7 @@ def _load(args: argparse.Namespace, policy: str) -> Any:
         policy=policy,
         bandwidth_gbps=args.bandwidth_gbps,
         hardware=args.hardware,
+        expert_precisions=tuple(args.precisions.split(",")) if args.precisions else None,
         dtype=dtype,
         progress=not args.json,
     )
@@ -146,6 +147,11 @@ def _add_cache_options(parser: argparse.ArgumentParser, bandwidth: float | None)
     )
     parser.add_argument("--hardware", default="a100", help="hardware profile pricing emulated compute (a100)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="model and expert dtype (auto: as saved)")
+    parser.add_argument(
+        "--precisions",
+        help="expert precisions to store, comma-separated; requests use the first (e.g. int4, or int8,int4,int2; "
+        "default: the model's dtype)",
+    )
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -239,7 +245,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"({info.expert_params:,} weights each)",
             highlight=False,
         )
-        table = Table(title="routed-expert bytes, and what a cache of a fraction of them holds")
+        table = Table(
+            title=f"routed-expert bytes, and what a cache of a fraction of them (at {info.full_precision}) holds"
+        )
         table.add_column("precision")
         for column in ("one expert", "all experts"):
             table.add_column(column, justify="right")
@@ -522,6 +530,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    except ImportError as exc:  # a precision whose optional library is missing: the message names the extra
+        from specmd.quant.formats import MissingBackendError
+
+        if not isinstance(exc, MissingBackendError):
+            raise
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         return 2
 

@@ -41,10 +41,13 @@ def test_real_models_from_their_configs(name: str) -> None:
     assert info.routed_experts == routed and sizes["bf16"].total_bytes == routed * expert_bytes
     # Routed experts are most of each model, and the rest (attention, embeddings, shared experts) under 2B weights.
     assert 0 < published - routed * info.expert_params < 2e9
+    # A cache fraction counts every expert at full precision (the stored bf16), whatever precision fills it.
+    assert info.full_precision == "bf16"
     for p in info.precisions:
         assert [c.cache_frac for c in p.capacities] == list(CAPACITY_FRACTIONS)
         for c in p.capacities:
-            assert c.bytes == int(c.cache_frac * p.total_bytes) and c.experts == c.bytes // p.bytes_per_expert
+            assert c.bytes == int(c.cache_frac * sizes["bf16"].total_bytes)
+            assert c.experts == min(c.bytes // p.bytes_per_expert, routed)
 
 
 def test_the_papers_anchors() -> None:

@@ -21,7 +21,7 @@ from specmd.quant.formats import ExpertFormat, ExpertShape, Weights
 
 @dataclass(slots=True)
 class _Slot:
-    index: int
+    handle: int
     ticket: Ticket
     buffer: Any
     weights: Weights | None = None
@@ -49,14 +49,28 @@ class LivePayload:
 
     def on_load(self, key: ExpertKey) -> None:
         source = self.store[key]
-        index, slot = self.arena.acquire()
-        destination = slot[: source.numel()]
-        self._slots[key] = _Slot(index, self.watchdog.submit(destination, source), destination)
+        handle = self.arena.acquire(source.numel())
+        if handle is None:
+            self._compact()
+            handle = self.arena.acquire(source.numel())
+            assert handle is not None, "a compacted arena holds every set of experts the capacity admits"
+        destination = self.arena.view(handle)
+        self._slots[key] = _Slot(handle, self.watchdog.submit(destination, source), destination)
 
     def on_evict(self, key: ExpertKey) -> None:
         slot = self._slots.pop(key)
         slot.ticket.retire()  # no copy may still land in the slot once another key takes it
-        self.arena.release(slot.index)
+        self.arena.release(slot.handle)
+
+    def _compact(self) -> None:
+        """Defragment the arena (mixed precisions only): wait for every copy, move blocks, refresh their views."""
+        for slot in self._slots.values():
+            slot.ticket.wait()  # evicted slots' copies were retired at eviction; these are the rest
+        moved = set(self.arena.compact())
+        for slot in self._slots.values():
+            if slot.handle in moved:
+                slot.buffer = self.arena.view(slot.handle)
+                slot.weights = None  # views into the old place; unpacked again on next use
 
     def compute(self, key: ExpertKey, job: Any, expert: int) -> float:
         slot = self._slots[key]

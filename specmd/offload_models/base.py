@@ -32,6 +32,7 @@ from specmd.offload_models.options import OffloadOptions
 from specmd.offload_models.routing import SoftmaxTopK
 from specmd.offload_models.runtime import OffloadRuntime
 from specmd.quant.formats import ExpertShape, get_format, precision_of_dtype
+from specmd.quant.persist import QuantizedCopies
 from specmd.sim.trace import TraceRecorder
 
 
@@ -195,18 +196,16 @@ class OffloadMixin:
         device = devices.pop()
         native = precision_of_dtype(self.dtype)
         precisions = options.expert_precisions or (native,)
-        if precisions != (native,):
-            raise ValueError(
-                f"expert_precisions={precisions!r}: this version runs experts at the model's own dtype only, "
-                f"({native!r}); pass dtype= to choose it"
-            )
         formats = {name: get_format(name) for name in precisions}
         primary = precisions[0]
         num_experts = self.arch.num_experts(config)
         shape = self.arch.expert_shape(config)
         sizes = {name: fmt.nbytes(shape) for name, fmt in formats.items()}
         moe_layers = self.arch.moe_layers(config)
-        capacity = options.capacity_bytes(len(moe_layers) * num_experts * sizes[primary], sizes[primary])
+        # cache_frac is a fraction of every routed expert at full precision (the model's dtype), whatever
+        # precisions are stored: the fast memory it stands for does not grow when experts shrink.
+        full_bytes = get_format(native).nbytes(shape)
+        capacity = options.capacity_bytes(len(moe_layers) * full_bytes * num_experts, max(sizes.values()))
         profile = options.profile
         compute = (
             None
@@ -227,10 +226,15 @@ class OffloadMixin:
                 f"routing policy {options.policy.routing.name!r} re-selects experts, which {type(self).__name__}'s "
                 "router cannot do (its choice is not a softmax top-k); use 'standard' routing"
             )
+        copies = None
+        if any(fmt.persist for fmt in formats.values()):
+            copies = QuantizedCopies(
+                experts.files, model_type=config.model_type, layers=moe_layers, num_experts=num_experts, shape=shape
+            )
         store = RamStore.build(
-            experts, list(formats.values()), pin=device.type == "cuda", total=len(experts), progress=options.progress
+            experts, list(formats.values()), shape, pin=device.type == "cuda", progress=options.progress, copies=copies
         )
-        arena = SlotArena(sizes[primary], capacity // sizes[primary], device)
+        arena = SlotArena(capacity, sizes.values(), device)
         watchdog = Watchdog(copier_for(device))
         try:
             payload = LivePayload(store, arena, watchdog, formats, shape)
@@ -258,6 +262,8 @@ class OffloadMixin:
                 "top_k": getattr(config, self.arch.top_k_attr),
                 "precision": primary,
                 "expert_bytes": sizes,
+                "full_precision": native,
+                "full_expert_bytes": full_bytes,
                 "shape": self._model_shape(shape).to_dict(),
                 "specmd_version": __version__,
             }

@@ -10,18 +10,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from specmd.cache.config import CacheConfig
 from specmd.offload_models.auto import AutoOffloadForCausalLM
-from specmd.quant.formats import precision_of_dtype, registered_formats
+from specmd.quant.formats import get_format, precision_of_dtype, registered_formats
 
 CAPACITY_FRACTIONS = (0.01, 0.05, 0.25)
 
 
 @dataclass(frozen=True)
 class Capacity:
-    """A cache of `cache_frac` of all routed-expert bytes: its `bytes`, and how many whole `experts` fit."""
+    """A cache of `cache_frac` of all routed-expert bytes at full precision: its `bytes`, and how many whole
+    `experts` of one precision fit in it."""
 
     cache_frac: float
     bytes: int
@@ -30,7 +32,7 @@ class Capacity:
 
 @dataclass(frozen=True)
 class PrecisionSizes:
-    """Expert sizes at one precision: one expert, all of them, and the capacities in `CAPACITY_FRACTIONS`."""
+    """Expert sizes at one precision: one expert, all of them, and how many fit in each of `CAPACITY_FRACTIONS`."""
 
     precision: str
     bytes_per_expert: int
@@ -48,6 +50,8 @@ class ModelInfo:
         experts_per_layer, top_k: routed experts per MoE layer and experts each token uses.
         hidden_size, expert_intermediate_size, expert_params: one routed expert's shape and weights.
         stored_precision: the precision the config says the weights are stored in (None: not said).
+        full_precision: what a cache fraction counts: the stored precision, which a model loads in by default
+            (torch's default dtype, fp32, when the config does not say).
         precisions: sizes at every precision specmd knows.
     """
 
@@ -61,6 +65,7 @@ class ModelInfo:
     expert_intermediate_size: int
     expert_params: int
     stored_precision: str | None
+    full_precision: str
     precisions: tuple[PrecisionSizes, ...]
 
     @property
@@ -91,20 +96,23 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
     shape = arch.expert_shape(config)
     moe_layers = tuple(arch.moe_layers(config))
     count = len(moe_layers) * arch.num_experts(config)
-    precisions = []
-    for fmt in registered_formats():
-        one = fmt.nbytes(shape)
-        total = count * one
-        capacities = []
-        for frac in CAPACITY_FRACTIONS:
-            nbytes = CacheConfig.bytes_of_fraction(frac, total)
-            capacities.append(Capacity(frac, nbytes, nbytes // one))
-        precisions.append(PrecisionSizes(fmt.name, one, total, tuple(capacities)))
     dtype = getattr(config, "dtype", None)
     try:
         stored = precision_of_dtype(dtype) if dtype is not None else None
     except ValueError:
         stored = None
+    full = stored or precision_of_dtype(torch.get_default_dtype())
+    # A model's cache_frac counts its experts at full precision (its dtype), whatever precisions it stores.
+    full_total = count * get_format(full).nbytes(shape)
+    capacities_bytes = [(frac, CacheConfig.bytes_of_fraction(frac, full_total)) for frac in CAPACITY_FRACTIONS]
+    precisions = []
+    for fmt in registered_formats():
+        try:
+            one = fmt.nbytes(shape)
+        except ValueError:  # a shape the format cannot store
+            continue
+        capacities = tuple(Capacity(frac, nbytes, min(nbytes // one, count)) for frac, nbytes in capacities_bytes)
+        precisions.append(PrecisionSizes(fmt.name, one, count * one, capacities))
     return ModelInfo(
         model_type=config.model_type,
         offload_class=cls.__name__,
@@ -116,5 +124,6 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
         expert_intermediate_size=shape.intermediate,
         expert_params=shape.params,
         stored_precision=stored,
+        full_precision=full,
         precisions=tuple(precisions),
     )

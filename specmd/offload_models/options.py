@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from specmd.cache.config import CacheConfig
-from specmd.quant.formats import get_format
+from specmd.quant import canonical_name, get_format
 
 STORAGES = ("ram",)
 COMPUTE_TIMES = ("profile", "measured")
@@ -18,7 +18,9 @@ class OffloadOptions(CacheConfig):
 
     Attributes (beyond `CacheConfig`'s):
         compute_time: "profile" (deterministic, from `hardware`) or "measured" (this machine's wall time).
-        expert_precisions: precisions the store holds, first = the one requests use; None = the model's dtype.
+        expert_precisions: precisions the store holds, each expert at every one; the first is the one
+            requests use, the others are there for miss policies. None = the model's own dtype (lossless).
+            Aliases resolve to the format's name (int4 -> nf4, int2 -> hqq2).
         storage: where full expert copies live ("ram").
         progress: show a progress bar while experts load.
     """
@@ -34,12 +36,21 @@ class OffloadOptions(CacheConfig):
             raise ValueError(f"compute_time must be one of {', '.join(COMPUTE_TIMES)}, got {self.compute_time!r}")
         if self.expert_precisions is not None:
             given = self.expert_precisions
-            precisions = (given,) if isinstance(given, str) else tuple(given)
+            if isinstance(given, str):
+                precisions: tuple = (given,)
+            elif isinstance(given, list | tuple):
+                precisions = tuple(given)
+            else:
+                raise ValueError(f"expert_precisions must be a precision name or a tuple of them, got {given!r}")
             if not precisions:
                 raise ValueError("expert_precisions must name at least one precision")
-            for name in precisions:
-                get_format(name)
-            object.__setattr__(self, "expert_precisions", precisions)
+            names = tuple(canonical_name(name) for name in precisions)
+            for name in names:
+                if names.count(name) > 1:
+                    same = ", ".join(p for p, n in zip(precisions, names, strict=True) if n == name)
+                    raise ValueError(f"expert_precisions={given!r} names the precision {name!r} twice ({same})")
+                get_format(name).check_backend()
+            object.__setattr__(self, "expert_precisions", names)
         if self.storage not in STORAGES:
             raise ValueError(f"storage {self.storage!r} is not available; available: {', '.join(STORAGES)}")
 

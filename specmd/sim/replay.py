@@ -41,7 +41,9 @@ def build_manager(trace: Trace, config: cache_config.CacheConfig) -> CacheManage
     precision, expert_bytes = trace.precision, trace.expert_bytes
     experts = trace.experts_per_layer
     catalog = [ExpertKey(layer, e, precision) for layer in trace.moe_layers for e in range(experts)]
-    capacity = config.capacity_bytes(len(catalog) * expert_bytes, expert_bytes)
+    # A live model's cache_frac counts its experts at full precision, whatever precision requests use.
+    full_bytes = trace.meta.get("full_expert_bytes") or expert_bytes
+    capacity = config.capacity_bytes(len(catalog) * full_bytes, expert_bytes)
     policies = config.policy.build()
     if not policies.routing.neutral:
         raise ValueError(

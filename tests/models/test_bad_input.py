@@ -66,9 +66,9 @@ def test_bad_policies_list_what_is_valid(checkpoint: Path, policy: object, liste
     [
         ({"bandwidth_gbps": -5}, "bandwidth_gbps must be a number > 0"),
         ({"storage": "disk"}, "storage 'disk' is not available; available: ram"),
-        ({"expert_precisions": ("int8",)}, "precision 'int8' is not available in this version"),
-        ({"expert_precisions": ("bf17",)}, "unknown precision 'bf17'; available: bf16, fp16, fp32"),
-        ({"expert_precisions": ("bf16",)}, "runs experts at the model's own dtype only"),
+        ({"expert_precisions": ("int4", "nf4")}, r"names the precision 'nf4' twice \(int4, nf4\)"),
+        ({"expert_precisions": ("bf17",)}, r"unknown precision 'bf17'; available: bf16, fp16, fp32, int8, nf4"),
+        ({"expert_precisions": ()}, "expert_precisions must name at least one precision"),
         ({"hardware": "abacus"}, "unknown hardware profile .abacus.; available: a100, rtx4090"),
         ({"compute_time": "guessed"}, "compute_time must be one of profile, measured"),
     ],

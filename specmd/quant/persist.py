@@ -1,0 +1,180 @@
+"""Quantized copies of a checkpoint's experts, computed once and kept under the user cache dir.
+
+A copy is one directory per (checkpoint content, expert layout, format and its parameters):
+`<cache_dir>/quant/<precision>-<key>/` holds `layer-<L>.safetensors` (one uint8 tensor [experts, bytes]
+per MoE layer: each row is one packed expert) and `manifest.json` (what the key was made from),
+written last: a directory is published by one atomic rename, so a half-written copy is never read.
+
+The checkpoint's content is the SHA-256 of its safetensors files. Hashing a large checkpoint takes a
+while, so each file's digest is remembered in `<cache_dir>/quant/file-digests.json` with the file's
+size, inode and modification and change times; a file whose stat differs is hashed again. A changed
+checkpoint therefore gets new keys (its old copies are simply no longer found); a re-saved identical
+one keeps its copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from specmd.quant.formats import ExpertFormat, ExpertShape
+
+VERSION = 1  # bump when the directory layout changes
+DIGESTS = "file-digests.json"
+MANIFEST = "manifest.json"
+TENSOR = "experts"
+
+
+def quant_dir() -> Path:
+    """Where quantized copies live: `quant/` under specmd's cache dir (`SPECMD_CACHE_DIR` overrides it)."""
+    from specmd.default_model import cache_dir
+
+    return cache_dir() / "quant"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write `data` to `path` atomically (a temporary file in the same directory, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_digest(files: Sequence[Path], root: Path | None = None) -> str:
+    """SHA-256 over the content of a checkpoint's `files` (file digests remembered under `root`)."""
+    root = quant_dir() if root is None else root
+    memo_path = root / DIGESTS
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    changed = False
+    parts = []
+    for file in sorted(Path(f) for f in files):
+        resolved = file.resolve()
+        stat = resolved.stat()
+        seen = [stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]
+        entry = memo.get(str(resolved))
+        if not (isinstance(entry, dict) and entry.get("stat") == seen):
+            entry = {"stat": seen, "sha256": _sha256(resolved)}
+            memo[str(resolved)] = entry
+            changed = True
+        parts.append(f"{file.name}:{entry['sha256']}")
+    if changed:
+        try:
+            _write_json(memo_path, memo)
+        except OSError as exc:  # a read-only cache only costs hashing again next time
+            warnings.warn(f"specmd: could not remember checkpoint digests in {memo_path} ({exc})", stacklevel=2)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+class QuantizedCopies:
+    """The on-disk copies of one checkpoint's experts: `load` a format's, or `save` them once packed.
+
+    Attributes:
+        files: the checkpoint's safetensors files (their content names the copies).
+        model_type, layers, num_experts, shape: which experts the copies hold.
+        root: the directory holding every copy (default `quant_dir()`).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        *,
+        model_type: str,
+        layers: Sequence[int],
+        num_experts: int,
+        shape: ExpertShape,
+        root: Path | None = None,
+    ) -> None:
+        self.files = [Path(f) for f in files]
+        self.model_type = model_type
+        self.layers = tuple(layers)
+        self.num_experts = num_experts
+        self.shape = shape
+        self.root = quant_dir() if root is None else Path(root)
+        self._digest: str | None = None
+
+    @property
+    def checkpoint(self) -> str:
+        """The checkpoint's content digest (computed on first use)."""
+        if self._digest is None:
+            self._digest = checkpoint_digest(self.files, self.root)
+        return self._digest
+
+    def manifest(self, fmt: ExpertFormat) -> dict[str, Any]:
+        """Everything a copy of `fmt` depends on."""
+        return {
+            "version": VERSION,
+            "checkpoint_sha256": self.checkpoint,
+            "model_type": self.model_type,
+            "layers": list(self.layers),
+            "experts_per_layer": self.num_experts,
+            "shape": [self.shape.hidden, self.shape.intermediate],
+            "format": fmt.params(),
+            "expert_bytes": fmt.nbytes(self.shape),
+        }
+
+    def directory(self, fmt: ExpertFormat) -> Path:
+        """Where the copy of `fmt` lives (whether or not it exists yet)."""
+        key = hashlib.sha256(json.dumps(self.manifest(fmt), sort_keys=True).encode()).hexdigest()[:32]
+        return self.root / f"{fmt.name}-{key}"
+
+    def load(self, fmt: ExpertFormat) -> dict[int, torch.Tensor] | None:
+        """Each layer's packed experts [experts, bytes] as saved, or None when there is no complete copy."""
+        directory = self.directory(fmt)
+        try:
+            if json.loads((directory / MANIFEST).read_text()) != self.manifest(fmt):
+                return None
+            layers = {}
+            for layer in self.layers:
+                tensor = load_file(directory / f"layer-{layer}.safetensors")[TENSOR]
+                if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (self.num_experts, fmt.nbytes(self.shape)):
+                    return None
+                layers[layer] = tensor
+        except (OSError, ValueError, KeyError, SafetensorError):
+            return None
+        return layers
+
+    def save(self, fmt: ExpertFormat, layers: Mapping[int, torch.Tensor]) -> Path | None:
+        """Write a copy of `fmt` from each layer's packed experts; returns its directory (None if it could not)."""
+        target = self.directory(fmt)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.root))
+            try:
+                for layer in self.layers:
+                    save_file({TENSOR: layers[layer].contiguous()}, staging / f"layer-{layer}.safetensors")
+                _write_json(staging / MANIFEST, self.manifest(fmt))
+                shutil.rmtree(target, ignore_errors=True)  # an incomplete or stale copy under the same key
+                os.replace(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError as exc:
+            warnings.warn(f"specmd: could not save {fmt.name} experts under {self.root} ({exc})", stacklevel=2)
+            return None
+        return target
