@@ -63,3 +63,9 @@ def test_capacity_from_a_fraction_or_bytes() -> None:
     assert OffloadOptions(cache_bytes=5000).capacity_bytes(total_bytes=1000, expert_bytes=100) == 1000  # at most all
     with pytest.raises(ValueError, match=r"use cache_frac >= 0\.1 or cache_bytes >= 100"):
         OffloadOptions(cache_frac=0.05).capacity_bytes(total_bytes=1000, expert_bytes=100)
+
+
+def test_parameters_in_text_may_be_tuples() -> None:
+    spec = PolicySpec.parse("none/lru/cascade:thresholds=(0.3,0.2)/standard")
+    assert spec.miss.params == (("thresholds", (0.3, 0.2)),)
+    assert spec.build().miss.thresholds == (0.3, 0.2)

@@ -151,3 +151,36 @@ def test_named_configurations_run_live(checkpoint: Path, name: str) -> None:
         assert model.cache_stats().requests > 0
         if name.endswith("+ls"):
             assert model.offload_options.policy.eviction.name == "least-stale"
+
+
+def test_a_lower_precision_fetch_computes_with_that_precisions_weights(
+    checkpoint: Path, layer0: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from specmd.quant.formats import ExpertShape, get_format
+
+    monkeypatch.setenv("SPECMD_CACHE_DIR", str(tmp_path))
+    policy = "none/lru/fetch-lowest-bit/standard"
+    with load(checkpoint, cache_frac=0.5, policy=policy, expert_precisions=("fp32", "int8")) as model:
+        got = layer0_output(model)  # cold cache: every expert is fetched at int8, the smallest copy
+        assert model.cache_stats().fetches_by_precision == {"int8": 4 * len(layer0["index"])}
+    fmt, experts = get_format("int8"), layer0["experts"]
+    parts = {}
+    for rank, expert in enumerate(layer0["index"]):
+        weights = fmt.unpack(fmt.pack(experts.gate_up_proj[expert], experts.down_proj[expert]), ExpertShape(32, 16))
+        parts[expert] = fmt.forward(layer0["h"], weights, experts.act_fn) * layer0["weights"][rank]
+    assert torch.equal(got, accumulate(parts))
+
+
+@pytest.mark.parametrize("miss", ["fetch-lowest-bit", "fetch-priority", "cascade:thresholds=(0.3,0.2)"])
+@pytest.mark.parametrize("eviction", ["lhu", "least-stale"])
+def test_precision_policies_run_over_several_stored_precisions(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, miss: str, eviction: str
+) -> None:
+    monkeypatch.setenv("SPECMD_CACHE_DIR", str(tmp_path))
+    precisions = ("fp32", "int8", "int4", "int2")
+    with load(checkpoint, cache_frac=0.1, policy=f"topk/{eviction}/{miss}/standard", expert_precisions=precisions) as m:
+        m.generate(PROMPT, max_new_tokens=4, do_sample=False)
+        stats = m.cache_stats()
+    assert stats.hits + stats.late_prefetches + stats.misses == stats.requests
+    assert set(stats.fetches_by_precision) - {"fp32"}, "a precision policy fetched nothing below full precision"
+    assert stats.peak_resident_bytes <= stats.capacity_bytes

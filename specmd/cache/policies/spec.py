@@ -157,6 +157,18 @@ def create(kind: str, name: str, params: Mapping[str, Any] | None = None) -> Any
     return cls(**params)
 
 
+def _split_arguments(text: str) -> list[str]:
+    """Split 'a=1,b=(0.3,0.2)' on the commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def _literal(text: str) -> Any:
     try:
         return ast.literal_eval(text)
@@ -186,7 +198,7 @@ class PolicyChoice:
         if isinstance(value, str):
             name, _, arg_text = value.partition(":")
             params: dict[str, Any] = {}
-            for item in filter(None, (a.strip() for a in arg_text.split(","))):
+            for item in filter(None, (a.strip() for a in _split_arguments(arg_text))):
                 key, eq, raw = item.partition("=")
                 if not eq:
                     raise ValueError(f"{kind} policy parameter {item!r} must look like name=value")
