@@ -94,7 +94,7 @@ def test_policies_lists_every_registered_name(cache_dir: Path) -> None:
     assert {("eviction", "lru"), ("eviction", "least-stale"), ("prefetch", "topk"), ("miss", "fetch")} <= listed
 
 
-@pytest.mark.parametrize("command", ["demo", "generate", "policies"])
+@pytest.mark.parametrize("command", ["demo", "generate", "routing-stats", "policies"])
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
