@@ -1,4 +1,4 @@
-"""The `specmd` command line: demo, generate, info, policies, trace, replay, sweep, report, eval.
+"""The `specmd` command line: demo, generate, info, routing-stats, policies, trace, replay, sweep, report, eval.
 
 Every command has --help and --json.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -87,6 +88,14 @@ METRIC_NOTE = (
     "hit rate: requests found resident and ready; late: prefetches still in flight when requested; "
     "collisions: misses on experts evicted earlier in the same pass; stall, TTFT and tok/s are emulated "
     "(link + hardware profile); wall tok/s is this machine's real speed."
+)
+
+
+ROUTING_NOTE = (
+    "entropy: of the layer's expert usage (max: every expert used equally); top-1 reuse: consecutive tokens with "
+    "the same top-1 expert; any reuse: share of a token's experts the previous token also used; prefetch recall: "
+    "share of a layer's experts in the top-k of its router applied to the previous layer's input. "
+    "Uniform-random routing in brackets."
 )
 
 
@@ -416,6 +425,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routing_stats(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specmd.sim.routing_stats import routing_stats, text_sequences
+
+    path = _model_path(args.model)
+    text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sequences = text_sequences(tokenizer, text, args.window, args.max_tokens)
+    if not sequences:
+        raise ValueError(f"--text {args.text} has fewer than 2 tokens")
+    dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    stats = routing_stats(model, sequences)
+    _emit(args, {"model": args.model, "text": args.text, "window": args.window} | stats.to_dict())
+    if not args.json:
+        k, e = stats.top_k, stats.num_experts
+        table = Table(title=f"routing of {args.model}: {stats.tokens:,} tokens of {args.text}, top-{k} of {e} experts")
+        for column in ("layer", "entropy bits", "top-1 reuse", "any reuse", f"prefetch recall@{k}"):
+            table.add_column(column, justify="right")
+        mean = stats.mean()
+        rows = [(str(r.layer), r.entropy_bits, r.top1_reuse, r.any_reuse, r.prefetch_recall) for r in stats.layers]
+        rows.append(("mean", mean["entropy_bits"], mean["top1_reuse"], mean["any_reuse"], mean["prefetch_recall"]))
+        for name, entropy, top1, any_, recall in rows:
+            table.add_row(
+                name,
+                f"{entropy:.2f} / {math.log2(e):.2f}",
+                f"{top1:.1%} ({1 / e:.1%})",
+                f"{any_:.1%} ({k / e:.1%})",
+                "-" if recall is None else f"{recall:.1%} ({k / e:.1%})",
+            )
+        out.print(table)
+        out.print(ROUTING_NOTE, style="dim")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from specmd.cache.policies import DEFAULT_POLICY
 
@@ -444,6 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="checkpoint directory, config.json file, hub id, or 'default'")
     _add_output_options(info)
     info.set_defaults(func=cmd_info)
+
+    routing = commands.add_parser("routing-stats", help="per-layer routing statistics that matter to a cache")
+    routing.add_argument("model", help="model directory or hub id, or 'default'")
+    routing.add_argument("--text", required=True, help="a UTF-8 text file to run the model over")
+    routing.add_argument("--window", type=int, default=512, help="tokens per forward pass (512)")
+    routing.add_argument("--max-tokens", type=int, default=8192, help="use at most this many tokens of the text")
+    routing.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: as saved)")
+    _add_output_options(routing)
+    routing.set_defaults(func=cmd_routing_stats)
 
     policies = commands.add_parser("policies", help="list every policy name with a one-line description")
     _add_output_options(policies)
