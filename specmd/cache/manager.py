@@ -184,10 +184,10 @@ class CacheManager:
         cache, keys, policies = self.cache, self._keys[layer], self.policies
         lookup, touch, pin = cache.get, cache.touch, cache.pin
         self._drop_queued(layer)
-        if routing is None:
-            routing = {e: Routed(n, 0.0, 0) for e, n in requests.items()}
+        if routing is None and (policies.eviction.needs_routing or policies.miss.needs_routing):
+            routing = {e: Routed(n, 0.0, 0) for e, n in requests.items()}  # tokens known, weights not given
         if policies.eviction.needs_routing:
-            policies.eviction.observe(layer, routing, tick)
+            policies.eviction.observe(layer, routing, tick)  # type: ignore[arg-type]
 
         hits = late = misses = collisions = used = drops = substitutions = 0
         context: MissContext | None = None
@@ -308,14 +308,14 @@ class CacheManager:
         self._wall_mark = self.wall()
 
     def _miss_context(
-        self, layer: int, t: float, routing: Mapping[int, Routed], probs: Mapping[int, float] | None
+        self, layer: int, t: float, routing: Mapping[int, Routed] | None, probs: Mapping[int, float] | None
     ) -> MissContext:
         link = self.link
         return MissContext(
             layer=layer,
-            routing=routing,
+            routing=routing or {},
             probs=probs,
-            resident=self.cache.ready_in_layer(layer, t),
+            find_resident=lambda: self.cache.ready_in_layer(layer, t),
             stored=self.cache.sizes,
             wait_s=max(0.0, link.busy_until - t),
             bandwidth_bytes_s=link.bytes_per_s,

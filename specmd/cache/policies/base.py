@@ -7,8 +7,9 @@ same objects run live inside a model and in trace replay.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple, Protocol
 
 from specmd.cache.keys import ExpertKey, Tick
@@ -132,21 +133,26 @@ class MissContext:
         routing: how the layer's tokens chose each requested expert.
         probs: each expert's router probability averaged over the layer's tokens, when known
             (live always; in replay when the trace records logits), else None.
-        resident: keys of this layer resident and ready now, at any precision.
         stored: the stored precisions and the bytes of one expert at each, the requested one first.
         wait_s: emulated seconds until a transfer issued now would start (the link's queue).
         bandwidth_bytes_s: the link's bytes per second (None: transfers take no emulated time).
         latency_s: the link's fixed cost per transfer.
+        resident: (a property) keys of this layer resident and ready now, at any precision.
     """
 
     layer: int
     routing: Mapping[int, Routed]
     probs: Mapping[int, float] | None
-    resident: Sequence[ExpertKey]
     stored: Mapping[str, int]
     wait_s: float
     bandwidth_bytes_s: float | None
     latency_s: float
+    find_resident: Callable[[], Sequence[ExpertKey]] = field(repr=False, compare=False)
+
+    @cached_property
+    def resident(self) -> Sequence[ExpertKey]:
+        """Keys of this layer resident and ready now, at any precision (looked up on first use)."""
+        return self.find_resident()
 
     def transfer_s(self, nbytes: int) -> float:
         """Emulated seconds a transfer of `nbytes` issued now would take to land."""
