@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 
 from specmd import default_model_path
+from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,18 +23,14 @@ def eval_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         patch.setenv("SPECMD_CACHE_DIR", str(tmp_path_factory.mktemp("specmd-cache")))
         tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     config = OlmoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_experts=16,
-        num_experts_per_tok=4,
-        max_position_embeddings=4096,  # room for GSM8K's 5-shot prompts, which byte-level tokens make long
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **TINY
+        | dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=4096,  # room for GSM8K's 5-shot prompts, which byte-level tokens make long
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("eval-model")

@@ -28,7 +28,7 @@ def load(path: Path, **kwargs) -> OffloadOLMoE:  # type: ignore[no-untyped-def]
     return OffloadOLMoE.from_pretrained(path, progress=False, **kwargs)
 
 
-@pytest.mark.parametrize(("miss", "routing"), itertools.product(NAMES["miss"], NAMES["routing"]))
+@pytest.mark.parametrize(("miss", "routing"), list(itertools.product(NAMES["miss"], NAMES["routing"])))
 def test_every_combination_runs_live_at_5_percent(checkpoint: Path, miss: str, routing: str) -> None:
     for prefetch, eviction in itertools.product(NAMES["prefetch"], NAMES["eviction"]):
         policy = f"{prefetch}/{eviction}/{miss}/{routing}"
