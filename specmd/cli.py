@@ -215,9 +215,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         capacity = f"{args.cache_bytes} B" if args.cache_bytes else f"{args.cache_frac:.0%}"
         link = f"{args.bandwidth_gbps} GB/s" if args.bandwidth_gbps else "native speed"
         table = Table(title=f"{len(DEMO_PROMPTS)} prompts, {args.max_new_tokens} new tokens, cache {capacity}, {link}")
-        table.add_column("prefetch/eviction")
+        table.add_column("prefetch/eviction", no_wrap=True)
         for name, _ in METRICS:
-            table.add_column(name, justify="right")
+            table.add_column(name, justify="right", overflow="fold")  # narrow terminals fold headers
         for policy, stats in results:
             table.add_row("/".join(policy.split("/")[:2]), *(fmt(stats) for _, fmt in METRICS))
         out.print(table)
