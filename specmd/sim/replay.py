@@ -85,10 +85,18 @@ def run_trace(trace: Trace, config: cache_config.CacheConfig) -> CacheStats:
     """Replay every pass of `trace` under `config`."""
     manager = build_manager(trace, config)
     begin, run_layer, end = manager.begin_pass, manager.run_layer, manager.end_pass
+    routing, probs = manager.wants_routing, manager.wants_probs  # as live: computed only for policies that read them
     for replay_pass in trace.passes():
         begin(replay_pass.info)
         for step in replay_pass.layers:
-            run_layer(step.layer, step.requests, step.predicted, None, step.routing, step.probs)
+            run_layer(
+                step.layer,
+                step.requests,
+                step.predicted,
+                None,
+                step.routing if routing else None,
+                step.probs if probs else None,
+            )
         end()
     return manager.snapshot()
 

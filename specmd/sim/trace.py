@@ -76,14 +76,39 @@ class LayerStep:
     `requests` maps each expert to the tokens routed to it; `predicted` maps the next MoE layer to its
     router's logits on this layer's input (when recorded); `routing` gives each requested expert's
     summed weight (0 when the trace has no weights) and best rank; `probs` each expert's mean router
-    probability (when the trace records logits).
+    probability (when the trace records logits). `routing` and `probs` are computed on first use: as in a
+    live run, only the policies that read them pay for them.
     """
 
     layer: int
     requests: dict[int, int]
     predicted: dict[int, list[list[float]]] | None
-    routing: dict[int, Routed]
-    probs: dict[int, float] | None
+    events: tuple[TraceEvent, ...] = field(repr=False)
+
+    @cached_property
+    def routing(self) -> dict[int, Routed]:
+        """Per requested expert: tokens, summed weight and best rank (`experts` lists choices in rank order)."""
+        weight: dict[int, float] = {}
+        tokens: dict[int, int] = {}
+        rank: dict[int, int] = {}
+        for event in self.events:
+            for position, expert in enumerate(event.experts):
+                tokens[expert] = tokens.get(expert, 0) + 1
+                weight[expert] = weight.get(expert, 0.0) + (event.weights[position] if event.weights else 0.0)
+                rank[expert] = min(rank.get(expert, position), position)
+        return {e: Routed(tokens[e], weight[e], rank[e]) for e in sorted(tokens)}
+
+    @cached_property
+    def probs(self) -> dict[int, float] | None:
+        """Every expert's mean router probability, when all of the layer's events carry logits."""
+        events = self.events
+        if not events or any(e.logits is None for e in events):
+            return None
+        logits = np.array([e.logits for e in events], dtype=np.float64)  # [T, E]
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        return dict(enumerate(probs.mean(axis=0).tolist()))
 
 
 @dataclass(frozen=True)
@@ -189,7 +214,7 @@ class Trace:
                     predicted = None
                     if following is not None and at_layer and all(e.next_logits is not None for e in at_layer):
                         predicted = {following: [list(e.next_logits) for e in at_layer]}  # type: ignore[arg-type]
-                    steps.append(LayerStep(layer, dict(sorted(requests.items())), predicted, *_summaries(at_layer)))
+                    steps.append(LayerStep(layer, dict(sorted(requests.items())), predicted, tuple(at_layer)))
                 yield ReplayPass(seq, info, tuple(steps))
 
     # ---- writing --------------------------------------------------------------------------------
@@ -203,27 +228,6 @@ class Trace:
         else:
             raise TraceError(f"cannot write a trace to {target}: use a {' or '.join(SUFFIXES)} file")
         return target
-
-
-def _summaries(events: Sequence[TraceEvent]) -> tuple[dict[int, Routed], dict[int, float] | None]:
-    """Routing per requested expert (summed weight, best rank: `experts` lists a token's choices in rank
-    order), and every expert's mean router probability when all events carry logits."""
-    weight: dict[int, float] = {}
-    tokens: dict[int, int] = {}
-    rank: dict[int, int] = {}
-    for event in events:
-        for position, expert in enumerate(event.experts):
-            tokens[expert] = tokens.get(expert, 0) + 1
-            weight[expert] = weight.get(expert, 0.0) + (event.weights[position] if event.weights else 0.0)
-            rank[expert] = min(rank.get(expert, position), position)
-    routing = {e: Routed(tokens[e], weight[e], rank[e]) for e in sorted(tokens)}
-    if not events or any(e.logits is None for e in events):
-        return routing, None
-    logits = np.array([e.logits for e in events], dtype=np.float64)  # [T, E]
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
-    return routing, dict(enumerate(probs.mean(axis=0).tolist()))
 
 
 # ---- reading ------------------------------------------------------------------------------------
