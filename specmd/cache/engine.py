@@ -37,7 +37,10 @@ class CacheListener(Protocol):
 
 
 class _Candidates:
-    """Evictable keys at one instant: resident, unpinned, transfer complete."""
+    """Evictable keys at one instant: resident, unpinned, transfer complete.
+
+    The cache keeps one view and sets its instant at each `make_room`; it is valid during that call.
+    """
 
     __slots__ = ("_entries", "_time")
 
@@ -80,6 +83,7 @@ class ExpertCache:
         self._entries: dict[ExpertKey, Entry] = {}
         self._pinned_bytes = 0
         self._arrivals: list[tuple[float, ExpertKey]] = []  # heap of unpinned transfers that may be in flight
+        self._candidates = _Candidates(self._entries, 0.0)  # one view, re-timed at each make_room
         self.last_tick = START
 
     # ---- queries -------------------------------------------------------------------------------
@@ -137,6 +141,15 @@ class ExpertCache:
         self.last_tick = now
         self.eviction.on_access(key, now)
 
+    def acquire(self, key: ExpertKey, now: Tick) -> None:
+        """`pin` then `touch`: resident `key` was requested and is held until its layer computes it."""
+        entry = self._entries[key]
+        if not entry.pins:
+            self._pinned_bytes += entry.nbytes
+        entry.pins += 1
+        self.last_tick = now
+        self.eviction.on_access(key, now)
+
     # ---- admission and eviction ----------------------------------------------------------------
     def _unavailable_bytes(self, time_s: float) -> int:
         arrivals = self._arrivals
@@ -158,18 +171,26 @@ class ExpertCache:
         excess = self.resident_bytes + nbytes - self.capacity_bytes
         if excess <= 0:
             return []
-        if self.resident_bytes - self._unavailable_bytes(now.time_s) < excess:
+        time_s = now.time_s
+        unavailable = self._unavailable_bytes(time_s) if self._arrivals else self._pinned_bytes
+        if self.resident_bytes - unavailable < excess:
             return None
-        candidates = _Candidates(self._entries, now.time_s)
+        entries, listener, choose = self._entries, self.listener, self.eviction.choose_victim
+        candidates = self._candidates
+        candidates._time = time_s
         evicted: list[ExpertKey] = []
         while self.resident_bytes + nbytes > self.capacity_bytes:
-            victim = self.eviction.choose_victim(candidates, now)
-            if victim not in candidates:
+            victim = choose(candidates, now)
+            entry = entries.get(victim)
+            if entry is None or entry.pins or entry.ready_at > time_s:
                 raise RuntimeError(
                     f"{type(self.eviction).__name__} chose {victim}, which is not evictable now "
                     "(not resident, pinned or in flight)"
                 )
-            self._remove(victim)
+            if listener is not None:
+                listener.on_evict(victim)  # before removal, so the listener sees the entry it loses
+            del entries[victim]
+            self.resident_bytes -= entry.nbytes
             evicted.append(victim)
         return evicted
 
@@ -189,21 +210,18 @@ class ExpertCache:
         if self.resident_bytes + nbytes > self.capacity_bytes:
             raise RuntimeError(f"inserting {key} ({nbytes} B) would exceed the capacity; make room first")
         self.last_tick = now
-        self._entries[key] = Entry(nbytes=nbytes, ready_at=ready_at, prefetch_pass=prefetch_pass)
+        entry = self._entries[key] = Entry(nbytes, ready_at, 0, prefetch_pass)
         self.resident_bytes += nbytes
-        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
-        if pinned:
-            self.pin(key)  # a pinned arrival is awaited by its own layer, never waited on to make room
+        if self.resident_bytes > self.peak_resident_bytes:
+            self.peak_resident_bytes = self.resident_bytes
+        if pinned:  # a pinned arrival is awaited by its own layer, never waited on to make room
+            entry.pins = 1
+            self._pinned_bytes += nbytes
         elif ready_at > now.time_s:
             heapq.heappush(self._arrivals, (ready_at, key))
         self.eviction.on_insert(key, now)
         if self.listener is not None:
             self.listener.on_load(key)
-
-    def _remove(self, key: ExpertKey) -> None:
-        if self.listener is not None:
-            self.listener.on_evict(key)  # before removal, so the listener sees the entry it loses
-        self.resident_bytes -= self._entries.pop(key).nbytes
 
     def warm(self, keys: Iterable[ExpertKey] | None = None) -> int:
         """Preload `keys` (default: the catalog, layer by layer) while they fit without evicting.

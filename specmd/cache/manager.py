@@ -83,6 +83,7 @@ class CacheManager:
         self.time = 0.0
         self._in_pass = False
         self._pass: PassInfo | None = None
+        self._dense: list[float] = []  # this pass's dense compute seconds per decoder layer (compute model)
         self._cursor = -1  # last decoder layer whose dense compute is on the clock
         self._pass_start = 0.0
         self._wall_start = 0.0
@@ -114,6 +115,8 @@ class CacheManager:
             raise RuntimeError("begin_pass called while a pass is running; end or abort it first")
         self.pass_idx += 1
         self._pass = info
+        if self.compute is not None:
+            self._dense = [self.compute.dense_s(i, info) for i in range(self.num_layers)]
         self._cursor = -1
         self._evicted_in_pass.clear()
         self._queue.clear()
@@ -149,12 +152,13 @@ class CacheManager:
 
     def _advance_dense(self, layer: int) -> float:
         """The clock after the dense compute of decoder layers up to `layer`."""
-        info = self._require_pass()
+        self._require_pass()
         if self.compute is None:
             t = self.time + (self.wall() - self._wall_mark)
         else:
-            t = self.time + sum(self.compute.dense_s(i, info) for i in range(self._cursor + 1, layer + 1))
-        self._cursor = max(self._cursor, layer)
+            t = self.time + sum(self._dense[self._cursor + 1 : layer + 1])
+        if layer > self._cursor:
+            self._cursor = layer
         return t
 
     # ---- one MoE layer -------------------------------------------------------------------------
@@ -182,7 +186,7 @@ class CacheManager:
         step, pass_idx = self.step, self.pass_idx
         tick = Tick(step, pass_idx, layer, t)
         cache, keys, policies = self.cache, self._keys[layer], self.policies
-        lookup, touch, pin = cache.get, cache.touch, cache.pin
+        lookup, acquire = cache.get, cache.acquire
         self._drop_queued(layer)
         if routing is None and (policies.eviction.needs_routing or policies.miss.needs_routing):
             routing = {e: Routed(n, 0.0, 0) for e, n in requests.items()}  # tokens known, weights not given
@@ -191,7 +195,7 @@ class CacheManager:
 
         hits = late = misses = collisions = used = drops = substitutions = 0
         context: MissContext | None = None
-        ready: list[tuple[float, int, ExpertKey]] = []  # pinned for this layer: (ready at, routed expert, key)
+        ready: list[tuple[float, int, ExpertKey, int]] = []  # pinned: (ready at, routed expert, key, bytes)
         pending: deque[tuple[ExpertKey, int]] = deque()  # misses waiting for room: (key, routed expert)
         for expert in sorted(requests):
             key = keys[expert]
@@ -235,9 +239,8 @@ class CacheManager:
             if entry.prefetch_pass == pass_idx:
                 used += 1
                 entry.prefetch_pass = None
-            pin(key)
-            touch(key, tick)
-            ready.append((entry.ready_at, expert, key))
+            acquire(key, tick)
+            ready.append((entry.ready_at, expert, key, entry.nbytes))
         heapq.heapify(ready)
 
         self._enqueue_prefetches(layer, predicted, tick)
@@ -251,7 +254,8 @@ class CacheManager:
             while pending:
                 key, expert = pending[0]
                 nbytes = cache.sizes[key.precision]
-                tick = Tick(step, pass_idx, layer, t)
+                if tick.time_s != t:
+                    tick = Tick(step, pass_idx, layer, t)
                 evicted = cache.make_room(nbytes, tick)
                 if evicted is None:
                     break  # pinned and arriving experts fill the cache: compute some first
@@ -261,7 +265,7 @@ class CacheManager:
                 cache.insert(key, tick, finish, pinned=True)
                 fetched[key.precision] = fetched.get(key.precision, 0) + 1
                 fetched_bytes += nbytes
-                heapq.heappush(ready, (finish, expert, key))
+                heapq.heappush(ready, (finish, expert, key, nbytes))
                 pending.popleft()
             if not ready:
                 arrival = cache.next_arrival(t)
@@ -275,7 +279,7 @@ class CacheManager:
                 continue
             if queue and not pending:
                 self._pump(Tick(step, pass_idx, layer, t))
-            ready_at, expert, key = heapq.heappop(ready)
+            ready_at, expert, key, nbytes = heapq.heappop(ready)
             if ready_at > t:
                 stall += ready_at - t
                 t = ready_at
@@ -283,7 +287,7 @@ class CacheManager:
             if compute is None:
                 t += measured
             else:
-                nbytes, tokens = cache.sizes[key.precision], requests[expert]
+                tokens = requests[expert]
                 seconds = cost.get((nbytes, tokens))
                 if seconds is None:
                     seconds = cost[(nbytes, tokens)] = compute.expert_s(nbytes, tokens)
@@ -303,7 +307,9 @@ class CacheManager:
         counters.substitutions += substitutions
         counters.bytes_transferred += fetched_bytes
         counters.stall_s += stall
-        self.stats.fetches_by_precision.update(fetched)
+        by_precision = self.stats.fetches_by_precision
+        for precision, count in fetched.items():
+            by_precision[precision] += count
         self.time = t
         self._wall_mark = self.wall()
 

@@ -29,16 +29,10 @@ class EmulatedLink:
         self.bytes_per_s = None if bandwidth_gbps is None else float(bandwidth_gbps) * 1e9
         self.busy_until = 0.0
 
-    def duration(self, nbytes: int) -> float:
-        """Seconds one transfer of `nbytes` occupies the link."""
-        if self.bytes_per_s is None:
-            return 0.0
-        return self.latency_s + nbytes / self.bytes_per_s
-
     def schedule(self, nbytes: int, now: float) -> tuple[float, float]:
         """Queue a transfer issued at `now`; return its (start, finish) emulated times."""
-        start = max(now, self.busy_until)
-        finish = start + self.duration(nbytes)
+        start = now if now > self.busy_until else self.busy_until
+        finish = start if self.bytes_per_s is None else start + (self.latency_s + nbytes / self.bytes_per_s)
         self.busy_until = finish
         return start, finish
 

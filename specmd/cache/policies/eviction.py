@@ -98,7 +98,8 @@ class LeastStale(EvictionPolicy):
         self._current = []
 
     def _mark_current(self, key: ExpertKey, now: Tick) -> None:
-        self._roll(now)
+        if now.pass_idx != self._pass:
+            self._roll(now)
         seq = next(self._counter)
         self._live[key] = seq
         heapq.heappush(self._current, (self._position(key), seq, key))

@@ -19,8 +19,14 @@ def _resident_copy(key: ExpertKey, context: MissContext) -> str | None:
 class FetchOnMiss(MissPolicy):
     """Fetch the requested expert at its requested precision and wait for it (lossless)."""
 
+    def __init__(self) -> None:
+        self._actions: dict[str, Fetch] = {}  # one immutable action per precision, built on first use
+
     def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
-        return Fetch(key.precision)
+        action = self._actions.get(key.precision)
+        if action is None:
+            action = self._actions[key.precision] = Fetch(key.precision)
+        return action
 
 
 @register_miss("fetch-lowest-bit")
