@@ -178,3 +178,41 @@ def test_lru_reference_is_plain_lru_without_pins() -> None:
     # Sanity of the reference itself: with one expert per layer it is textbook LRU.
     stream = [{0: {0: 1}, 1: {1: 1}, 2: {2: 1}}, {0: {3: 1}, 1: {1: 1}, 2: {2: 1}}]
     assert reference_victims(stream, 3, REFERENCE_ORDER["lru"]) == [(0, 0)]
+
+
+@pytest.mark.parametrize("eviction", EVICTIONS)
+def test_memory_does_not_grow_with_requests_when_nothing_is_evicted(eviction: str) -> None:
+    """A long generation whose experts all fit: policy bookkeeping stays O(resident), not O(requests)."""
+    import random
+    import tracemalloc
+
+    from specmd.cache.clock import PassInfo
+
+    rng = random.Random(0)
+    stream = [{layer: dict.fromkeys(rng.sample(range(EXPERTS), 4), 1) for layer in LAYERS} for _ in range(2400)]
+    manager = make_manager(
+        f"none/{eviction}/fetch/standard", capacity_experts=len(LAYERS) * EXPERTS, layers=LAYERS, num_experts=EXPERTS
+    )
+    if getattr(manager.policies.eviction, "needs_future", False):
+        manager.policies.eviction.bind_future(future(stream))
+    info = PassInfo(sequences=1, tokens=1, attended=1, context=1, prefill=False)
+
+    def serve(passes):  # type: ignore[no-untyped-def]
+        for layers in passes:
+            manager.begin_pass(info)
+            for layer, requests in layers.items():
+                routing = {e: Routed(1, 0.5, 0) for e in requests}
+                manager.run_layer(layer, requests, None, None, routing, None)
+            manager.end_pass()
+        return manager.snapshot()
+
+    tracemalloc.start()
+    try:
+        warm = serve(stream[:400])
+        before = tracemalloc.get_traced_memory()[0]
+        stats = serve(stream[400:])  # 24,000 more requests, every one a hit
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert stats.hits - warm.hits == stats.requests - warm.requests == 24_000
+    assert grown < 100_000, f"{eviction} kept {grown} more bytes after 24,000 hits"

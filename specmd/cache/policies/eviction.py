@@ -13,6 +13,20 @@ from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.policies.base import Candidates, EvictionPolicy, Future, Routed
 from specmd.cache.policies.spec import register_eviction
 
+_SLACK = 256  # superseded heap entries tolerated beyond the live ones before a compaction
+
+
+def _compact(heap: list, live: dict[ExpertKey, int]) -> None:
+    """Drop a lazy heap's superseded entries in place, once they outnumber the live keys.
+
+    Every access pushes a fresh entry; without evictions to pop the old ones, a long run at a high hit
+    rate would grow the heap by one entry per request. Only superseded entries go, so the order of
+    victims is unchanged; the amortized cost is O(1) per push.
+    """
+    if len(heap) > 2 * len(live) + _SLACK:
+        heap[:] = [item for item in heap if live.get(item[-1]) == item[-2]]
+        heapq.heapify(heap)
+
 
 def _pop_evictable(heap: list, live: dict[ExpertKey, int], candidates: Candidates) -> ExpertKey | None:
     """Pop a lazy heap (entries end with (sequence number, key)) down to its first live, evictable key.
@@ -96,6 +110,7 @@ class LeastStale(EvictionPolicy):
             if live.get(key) == seq:
                 heapq.heappush(self._stale, (ended or 0, position, seq, key))
         self._current = []
+        _compact(self._stale, live)  # experts used again went current: their stale entries are superseded
 
     def _mark_current(self, key: ExpertKey, now: Tick) -> None:
         if now.pass_idx != self._pass:
@@ -131,6 +146,7 @@ class _LowestFirst(EvictionPolicy):
         recency = next(self._counter)
         self._live[key] = recency
         heapq.heappush(self._heap, (value, recency, key))
+        _compact(self._heap, self._live)
 
     def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
         victim = _pop_evictable(self._heap, self._live, candidates)
