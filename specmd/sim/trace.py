@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,15 +43,19 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TraceEvent:
-    """The routing of one token at one MoE layer."""
+    """The routing of one token at one MoE layer.
+
+    The readers and the recorder store `logits` and `next_logits` as ``array('d')``, 8 bytes a value
+    (a tuple of floats takes about 32); any sequence of floats is accepted.
+    """
 
     seq: int
     token: int
     layer: int
     experts: tuple[int, ...]
     weights: tuple[float, ...] | None = None
-    logits: tuple[float, ...] | None = None
-    next_logits: tuple[float, ...] | None = None
+    logits: Sequence[float] | None = None
+    next_logits: Sequence[float] | None = None
     prefill: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -82,7 +87,7 @@ class LayerStep:
 
     layer: int
     requests: dict[int, int]
-    predicted: dict[int, list[list[float]]] | None
+    predicted: dict[int, list[Sequence[float]]] | None
     events: tuple[TraceEvent, ...] = field(repr=False)
 
     @cached_property
@@ -211,9 +216,10 @@ class Trace:
                 for layer, following in zip(layers, (*layers[1:], None), strict=True):
                     at_layer = by_layer.get(layer, [])
                     requests = Counter(x for e in at_layer for x in e.experts)
+                    rows = [e.next_logits for e in at_layer if e.next_logits is not None]
                     predicted = None
-                    if following is not None and at_layer and all(e.next_logits is not None for e in at_layer):
-                        predicted = {following: [list(e.next_logits) for e in at_layer]}  # type: ignore[arg-type]
+                    if following is not None and at_layer and len(rows) == len(at_layer):
+                        predicted = {following: rows}
                     steps.append(LayerStep(layer, dict(sorted(requests.items())), predicted, tuple(at_layer)))
                 yield ReplayPass(seq, info, tuple(steps))
 
@@ -269,6 +275,11 @@ def _numbers(value: Any, name: str, where: str) -> tuple[float, ...] | None:
     return tuple(float(v) for v in value)
 
 
+def _row(value: Any, name: str, where: str) -> array | None:
+    numbers = _numbers(value, name, where)
+    return None if numbers is None else array("d", numbers)
+
+
 def _event(obj: Any, where: str) -> TraceEvent:
     if not isinstance(obj, dict):
         raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -293,8 +304,8 @@ def _event(obj: Any, where: str) -> TraceEvent:
         layer=_int(obj["layer"], "layer", where),
         experts=experts,
         weights=weights,
-        logits=_numbers(obj.get("logits"), "logits", where),
-        next_logits=_numbers(obj.get("next_logits"), "next_logits", where),
+        logits=_row(obj.get("logits"), "logits", where),
+        next_logits=_row(obj.get("next_logits"), "next_logits", where),
         prefill=prefill,
     )
 
@@ -357,7 +368,7 @@ def _write_jsonl(trace: Trace, target: Path) -> None:
             out.write(json.dumps(event.to_json()) + "\n")
 
 
-def _matrix(rows: Sequence[tuple[float, ...] | None]) -> tuple[np.ndarray, np.ndarray] | None:
+def _matrix(rows: Sequence[Sequence[float] | None]) -> tuple[np.ndarray, np.ndarray] | None:
     """A float32 matrix with NaN rows where a value is absent, and the presence mask; None if all absent."""
     width = max((len(r) for r in rows if r is not None), default=0)
     if not width:
@@ -407,11 +418,11 @@ def _read_npz(source: Path) -> tuple[dict[str, Any], list[TraceEvent]]:
     offsets, experts = data["offsets"].tolist(), data["experts"].tolist()
     weights = data["weights"].tolist() if "weights" in data else None
 
-    def rows(name: str) -> list[tuple[float, ...] | None]:
+    def rows(name: str) -> list[array | None]:
         if name not in data:
             return [None] * len(offsets[1:])
-        values, present = data[name], data[f"has_{name}"]
-        return [tuple(values[i].tolist()) if present[i] else None for i in range(len(present))]
+        values, present = data[name].astype(np.float64), data[f"has_{name}"].tolist()
+        return [array("d", values[i].tobytes()) if there else None for i, there in enumerate(present)]
 
     logits, next_logits = rows("logits"), rows("next_logits")
     events = []
@@ -476,8 +487,8 @@ class TraceRecorder:
                     layer=layer,
                     experts=tuple(experts[i]),
                     weights=tuple(weights[i]),
-                    logits=tuple(logits[i]),
-                    next_logits=None if next_logits is None else tuple(next_logits[i]),
+                    logits=array("d", logits[i]),
+                    next_logits=None if next_logits is None else array("d", next_logits[i]),
                     prefill=self._prefill or None,
                 )
             )

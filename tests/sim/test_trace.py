@@ -128,3 +128,27 @@ def test_jsonl_and_npz_hold_the_same_events(recorded: Path, tmp_path: Path) -> N
     assert again.events == trace.events and again.meta == trace.meta
     assert load_trace(again.save(tmp_path / "copy.jsonl")).events == trace.events
     assert (tmp_path / "copy.npz").stat().st_size < recorded.stat().st_size / 3
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".npz"])
+def test_a_loaded_trace_keeps_router_logits_compactly(tmp_path: Path, suffix: str) -> None:
+    """Big traces fit in memory: a 64-expert logit row costs about its 512 bytes, not ~2 KB of float objects."""
+    import tracemalloc
+
+    import numpy as np
+
+    rows = np.random.default_rng(0).standard_normal((1000, 64)).astype(np.float32).tolist()  # as a model records
+    events = [
+        TraceEvent(0, token, layer, (1, 2), logits=tuple(rows[token * 4 + layer]))
+        for token in range(250)
+        for layer in range(4)
+    ]
+    path = Trace({"experts_per_layer": 64, "expert_bytes": 100}, events).save(tmp_path / f"t{suffix}")
+    tracemalloc.start()
+    try:
+        loaded = load_trace(path)
+        per_event = tracemalloc.get_traced_memory()[0] / len(loaded.events)
+    finally:
+        tracemalloc.stop()
+    assert [list(e.logits) for e in loaded.events] == rows  # exactly the values written
+    assert per_event < 1200, f"{per_event:.0f} bytes per event"
