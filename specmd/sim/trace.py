@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 from array import array
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -215,7 +214,10 @@ class Trace:
                 steps = []
                 for layer, following in zip(layers, (*layers[1:], None), strict=True):
                     at_layer = by_layer.get(layer, [])
-                    requests = Counter(x for e in at_layer for x in e.experts)
+                    requests: dict[int, int] = {}  # expert -> tokens routed to it
+                    for event in at_layer:
+                        for expert in event.experts:
+                            requests[expert] = requests.get(expert, 0) + 1
                     rows = [e.next_logits for e in at_layer if e.next_logits is not None]
                     predicted = None
                     if following is not None and at_layer and len(rows) == len(at_layer):
