@@ -141,15 +141,6 @@ class ExpertCache:
         self.last_tick = now
         self.eviction.on_access(key, now)
 
-    def acquire(self, key: ExpertKey, now: Tick) -> None:
-        """`pin` then `touch`: resident `key` was requested and is held until its layer computes it."""
-        entry = self._entries[key]
-        if not entry.pins:
-            self._pinned_bytes += entry.nbytes
-        entry.pins += 1
-        self.last_tick = now
-        self.eviction.on_access(key, now)
-
     # ---- admission and eviction ----------------------------------------------------------------
     def _unavailable_bytes(self, time_s: float) -> int:
         arrivals = self._arrivals
@@ -172,8 +163,7 @@ class ExpertCache:
         if excess <= 0:
             return []
         time_s = now.time_s
-        unavailable = self._unavailable_bytes(time_s) if self._arrivals else self._pinned_bytes
-        if self.resident_bytes - unavailable < excess:
+        if self.resident_bytes - self._unavailable_bytes(time_s) < excess:
             return None
         entries, listener, choose = self._entries, self.listener, self.eviction.choose_victim
         candidates = self._candidates

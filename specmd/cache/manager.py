@@ -186,7 +186,7 @@ class CacheManager:
         step, pass_idx = self.step, self.pass_idx
         tick = Tick(step, pass_idx, layer, t)
         cache, keys, policies = self.cache, self._keys[layer], self.policies
-        lookup, acquire = cache.get, cache.acquire
+        lookup, touch, pin = cache.get, cache.touch, cache.pin
         self._drop_queued(layer)
         if routing is None and (policies.eviction.needs_routing or policies.miss.needs_routing):
             routing = {e: Routed(n, 0.0, 0) for e, n in requests.items()}  # tokens known, weights not given
@@ -239,7 +239,8 @@ class CacheManager:
             if entry.prefetch_pass == pass_idx:
                 used += 1
                 entry.prefetch_pass = None
-            acquire(key, tick)
+            pin(key)
+            touch(key, tick)
             ready.append((entry.ready_at, expert, key, entry.nbytes))
         heapq.heapify(ready)
 
