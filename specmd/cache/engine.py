@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from specmd.cache.keys import START, ExpertKey, Tick
 from specmd.cache.policies.base import EvictionPolicy
 
 
-@dataclass(slots=True)
 class Entry:
-    """A resident (or arriving) expert copy."""
+    """A resident (or arriving) expert copy.
 
-    nbytes: int
-    ready_at: float
-    """Emulated time its transfer completes; it is in flight before then."""
-    pins: int = 0
-    prefetch_pass: int | None = None
-    """The pass it was prefetched for, until a request of its layer in that pass uses it."""
+    ``ready_at`` is the emulated time its transfer completes (it is in flight before then);
+    ``prefetch_pass`` is the pass it was prefetched for, until a request of its layer in that pass uses it.
+    """
+
+    __slots__ = ("nbytes", "pins", "prefetch_pass", "ready_at")
+
+    def __init__(self, nbytes: int, ready_at: float, pins: int = 0, prefetch_pass: int | None = None) -> None:
+        self.nbytes = nbytes
+        self.ready_at = ready_at
+        self.pins = pins
+        self.prefetch_pass = prefetch_pass
 
 
 class CacheListener(Protocol):
@@ -65,7 +68,7 @@ class ExpertCache:
 
     def __init__(
         self,
-        capacity_bytes: int,
+        capacity_bytes: object,
         eviction: EvictionPolicy,
         sizes: Mapping[str, int],
         catalog: Sequence[ExpertKey] = (),
@@ -165,12 +168,12 @@ class ExpertCache:
         time_s = now.time_s
         if self.resident_bytes - self._unavailable_bytes(time_s) < excess:
             return None
-        entries, listener, choose = self._entries, self.listener, self.eviction.choose_victim
+        entries, listener, eviction = self._entries, self.listener, self.eviction
         candidates = self._candidates
         candidates._time = time_s
         evicted: list[ExpertKey] = []
         while self.resident_bytes + nbytes > self.capacity_bytes:
-            victim = choose(candidates, now)
+            victim = eviction.choose_victim(candidates, now)
             entry = entries.get(victim)
             if entry is None or entry.pins or entry.ready_at > time_s:
                 raise RuntimeError(

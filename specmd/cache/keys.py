@@ -13,18 +13,37 @@ class ExpertKey(NamedTuple):
     precision: str
 
 
-class Tick(NamedTuple):
-    """What a policy knows of time when the engine calls it.
+class Tick:
+    """What a policy knows of time when the engine calls it (policies read it, never change it).
 
     ``step`` counts MoE layer-steps since the cache was built (logical time); ``pass_idx`` counts
     forward passes; ``layer`` is the decoder layer being computed (-1 outside a layer); ``time_s``
     is the emulated clock in seconds.
     """
 
-    step: int
-    pass_idx: int
-    layer: int
-    time_s: float
+    __slots__ = ("layer", "pass_idx", "step", "time_s")
+
+    def __init__(self, step: int, pass_idx: int, layer: int, time_s: float) -> None:
+        self.step = step
+        self.pass_idx = pass_idx
+        self.layer = layer
+        self.time_s = time_s
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tick):
+            return NotImplemented
+        return (
+            self.step == other.step
+            and self.pass_idx == other.pass_idx
+            and self.layer == other.layer
+            and self.time_s == other.time_s
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.step, self.pass_idx, self.layer, self.time_s))
+
+    def __repr__(self) -> str:
+        return f"Tick(step={self.step}, pass_idx={self.pass_idx}, layer={self.layer}, time_s={self.time_s})"
 
 
 START = Tick(step=0, pass_idx=0, layer=-1, time_s=0.0)

@@ -14,9 +14,9 @@ can be made without touching pinned or arriving experts. Compute time comes from
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Mapping, Sequence
+from heapq import heapify, heappop, heappush
 from typing import Any, Protocol
 
 from specmd.cache.clock import ComputeModel, PassInfo, WallClock, wall_clock
@@ -96,7 +96,7 @@ class CacheManager:
         if not (isinstance(depth, int) and depth >= 1):
             raise ValueError(f"prefetch depth must be an integer >= 1, got {depth!r}")
         self._ahead = {layer: self.moe_layers[i + 1 : i + 1 + depth] for i, layer in enumerate(self.moe_layers)}
-        self._expert_cost: dict[tuple[int, int], float] = {}  # (bytes, tokens) -> seconds, from the compute model
+        self._expert_cost: dict[int, dict[int, float]] = {}  # bytes -> tokens -> seconds, from the compute model
 
     @property
     def wants_routing(self) -> bool:
@@ -156,7 +156,10 @@ class CacheManager:
         if self.compute is None:
             t = self.time + (self.wall() - self._wall_mark)
         else:
-            t = self.time + sum(self._dense[self._cursor + 1 : layer + 1])
+            dense = 0.0
+            for i in range(self._cursor + 1, layer + 1):
+                dense += self._dense[i]
+            t = self.time + dense
         if layer > self._cursor:
             self._cursor = layer
         return t
@@ -186,29 +189,30 @@ class CacheManager:
         step, pass_idx = self.step, self.pass_idx
         tick = Tick(step, pass_idx, layer, t)
         cache, keys, policies = self.cache, self._keys[layer], self.policies
-        lookup, touch, pin = cache.get, cache.touch, cache.pin
+        eviction, miss = policies.eviction, policies.miss
         self._drop_queued(layer)
-        if routing is None and (policies.eviction.needs_routing or policies.miss.needs_routing):
+        if routing is None and (eviction.needs_routing or miss.needs_routing):
             routing = {e: Routed(n, 0.0, 0) for e, n in requests.items()}  # tokens known, weights not given
-        if policies.eviction.needs_routing:
-            policies.eviction.observe(layer, routing, tick)  # type: ignore[arg-type]
+        if eviction.needs_routing:
+            eviction.observe(layer, routing, tick)  # type: ignore[arg-type]
 
         hits = late = misses = collisions = used = drops = substitutions = 0
         context: MissContext | None = None
         ready: list[tuple[float, int, ExpertKey, int]] = []  # pinned: (ready at, routed expert, key, bytes)
-        pending: deque[tuple[ExpertKey, int]] = deque()  # misses waiting for room: (key, routed expert)
+        pending: list[tuple[ExpertKey, int]] = []  # misses waiting for room: (key, routed expert)
+        evicted_in_pass = self._evicted_in_pass
         for expert in sorted(requests):
             key = keys[expert]
-            entry = lookup(key)
+            entry = cache.get(key)
             if entry is None:
                 if context is None:
                     context = self._miss_context(layer, t, routing, probs)
-                action = policies.miss.on_miss(key, tick, context)
+                action = miss.on_miss(key, tick, context)
                 missed = True
                 if type(action) is Fetch:
                     if action.precision != key.precision:
                         key = ExpertKey(layer, expert, action.precision)
-                        entry = lookup(key)  # a copy at that precision may be resident: then it is a hit
+                        entry = cache.get(key)  # a copy at that precision may be resident: then it is a hit
                     missed = entry is None
                     if missed:
                         pending.append((key, expert))
@@ -216,22 +220,23 @@ class CacheManager:
                     drops += 1
                 elif type(action) is Substitute:
                     key = ExpertKey(layer, action.expert, action.precision)
-                    entry = lookup(key)
+                    entry = cache.get(key)
                     if entry is None or entry.ready_at > t:
-                        raise RuntimeError(f"{type(policies.miss).__name__} substituted {key}, which is not ready")
+                        raise RuntimeError(f"{type(miss).__name__} substituted {key}, which is not ready")
                     substitutions += 1
                 else:
-                    raise TypeError(f"{type(policies.miss).__name__} returned {action!r}, not a miss action")
+                    raise TypeError(f"{type(miss).__name__} returned {action!r}, not a miss action")
                 if missed:
                     misses += 1
-                    if keys[expert] in self._evicted_in_pass or key in self._evicted_in_pass:
+                    if keys[expert] in evicted_in_pass or (key is not keys[expert] and key in evicted_in_pass):
                         collisions += 1
-                    if entry is None:
-                        continue
-                elif entry.ready_at <= t:
-                    hits += 1
-                else:
-                    late += 1
+                if entry is None:
+                    continue  # dropped, or waiting for room
+                if not missed:
+                    if entry.ready_at <= t:
+                        hits += 1
+                    else:
+                        late += 1
             elif entry.ready_at <= t:
                 hits += 1
             else:
@@ -239,10 +244,10 @@ class CacheManager:
             if entry.prefetch_pass == pass_idx:
                 used += 1
                 entry.prefetch_pass = None
-            pin(key)
-            touch(key, tick)
+            cache.pin(key)
+            cache.touch(key, tick)
             ready.append((entry.ready_at, expert, key, entry.nbytes))
-        heapq.heapify(ready)
+        heapify(ready)
 
         self._enqueue_prefetches(layer, predicted, tick)
 
@@ -251,9 +256,10 @@ class CacheManager:
         fetched: dict[str, int] = {}  # precision -> demand fetches
         queue, link, payload, compute = self._queue, self.link, self.payload, self.compute
         cost = self._expert_cost
-        while pending or ready:
-            while pending:
-                key, expert = pending[0]
+        waiting = 0  # pending[waiting:] still need room
+        while waiting < len(pending) or ready:
+            while waiting < len(pending):
+                key, expert = pending[waiting]
                 nbytes = cache.sizes[key.precision]
                 if tick.time_s != t:
                     tick = Tick(step, pass_idx, layer, t)
@@ -262,25 +268,26 @@ class CacheManager:
                     break  # pinned and arriving experts fill the cache: compute some first
                 if evicted:
                     self._note_evictions(evicted)
-                _, finish = link.schedule(nbytes, t)
+                finish = link.schedule(nbytes, t)
                 cache.insert(key, tick, finish, pinned=True)
                 fetched[key.precision] = fetched.get(key.precision, 0) + 1
                 fetched_bytes += nbytes
-                heapq.heappush(ready, (finish, expert, key, nbytes))
-                pending.popleft()
+                heappush(ready, (finish, expert, key, nbytes))
+                waiting += 1
             if not ready:
                 arrival = cache.next_arrival(t)
                 if arrival is None:
+                    blocked = pending[waiting][0]
                     raise RuntimeError(
-                        f"cannot make room for {pending[0][0]} ({cache.nbytes(pending[0][0])} B) in a cache of "
+                        f"cannot make room for {blocked} ({cache.nbytes(blocked)} B) in a cache of "
                         f"{cache.capacity_bytes} B"
                     )
                 stall += arrival - t  # wait for a prefetch to land so it can be evicted
                 t = arrival
                 continue
-            if queue and not pending:
+            if queue and waiting == len(pending):
                 self._pump(Tick(step, pass_idx, layer, t))
-            ready_at, expert, key, nbytes = heapq.heappop(ready)
+            ready_at, expert, key, nbytes = heappop(ready)
             if ready_at > t:
                 stall += ready_at - t
                 t = ready_at
@@ -289,9 +296,12 @@ class CacheManager:
                 t += measured
             else:
                 tokens = requests[expert]
-                seconds = cost.get((nbytes, tokens))
+                by_tokens = cost.get(nbytes)
+                if by_tokens is None:
+                    by_tokens = cost[nbytes] = {}
+                seconds = by_tokens.get(tokens)
                 if seconds is None:
-                    seconds = cost[(nbytes, tokens)] = compute.expert_s(nbytes, tokens)
+                    seconds = by_tokens[tokens] = compute.expert_s(nbytes, tokens)
                 t += seconds
             cache.unpin(key)
         if queue:
@@ -312,7 +322,8 @@ class CacheManager:
         for precision, count in fetched.items():
             by_precision[precision] += count
         self.time = t
-        self._wall_mark = self.wall()
+        if compute is None:  # measured compute: the next dense span is timed from here
+            self._wall_mark = self.wall()
 
     def _miss_context(
         self, layer: int, t: float, routing: Mapping[int, Routed] | None, probs: Mapping[int, float] | None
@@ -380,7 +391,7 @@ class CacheManager:
             queue.popleft()
             self._queued.discard(key)
             self._note_evictions(evicted)
-            _, finish = self.link.schedule(nbytes, tick.time_s)
+            finish = self.link.schedule(nbytes, tick.time_s)
             cache.insert(key, tick, finish, prefetch_pass=target_pass)
             counters = self.stats.layers[key.layer]
             counters.prefetches_issued += 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Protocol
 
+from mypy_extensions import mypyc_attr
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,12 +31,12 @@ class EmulatedLink:
         self.bytes_per_s = None if bandwidth_gbps is None else float(bandwidth_gbps) * 1e9
         self.busy_until = 0.0
 
-    def schedule(self, nbytes: int, now: float) -> tuple[float, float]:
-        """Queue a transfer issued at `now`; return its (start, finish) emulated times."""
+    def schedule(self, nbytes: int, now: float) -> float:
+        """Queue a transfer issued at `now`; return the emulated time it finishes."""
         start = now if now > self.busy_until else self.busy_until
         finish = start if self.bytes_per_s is None else start + (self.latency_s + nbytes / self.bytes_per_s)
         self.busy_until = finish
-        return start, finish
+        return finish
 
 
 class Completion(Protocol):
@@ -51,6 +53,7 @@ class _Done:
 DONE: Completion = _Done()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class CpuCopier:
     """Host-to-host copies (the CPU path): synchronous, so they are done when `copy` returns."""
 

@@ -163,7 +163,12 @@ def test_victims_match_the_reference_model(eviction: str, stream, capacity: int)
     seen: list[ExpertKey] = []
     listener = manager.cache.listener
     original = listener.on_evict
-    listener.on_evict = lambda key: (seen.append(key), original(key))  # type: ignore[method-assign]
+
+    def on_evict(key: ExpertKey) -> None:
+        seen.append(key)
+        original(key)
+
+    listener.on_evict = on_evict  # type: ignore[method-assign]
     run(manager, stream, None)
     expected = reference_victims(stream, capacity, REFERENCE_ORDER[eviction])
     assert [(k.layer, k.expert) for k in seen] == expected

@@ -52,10 +52,23 @@ def stock(eval_model: Path) -> HFLM:
 def passes(lm: OffloadHFLM, monkeypatch: pytest.MonkeyPatch) -> list[PassInfo]:
     """Every forward pass the cache manager sees, as `PassInfo` (real tokens only)."""
     seen: list[PassInfo] = []
-    manager = lm.model._specmd.manager
-    begin = manager.begin_pass
-    monkeypatch.setattr(manager, "begin_pass", lambda info: (seen.append(info), begin(info))[1])
+    runtime = lm.model._specmd
+    monkeypatch.setattr(runtime, "manager", _PassSpy(runtime.manager, seen))
     return seen
+
+
+class _PassSpy:
+    """Stands in for the runtime's cache manager (compiled objects cannot be patched) and notes each pass."""
+
+    def __init__(self, manager: object, seen: list[PassInfo]) -> None:
+        self._manager, self._seen = manager, seen
+
+    def begin_pass(self, info: PassInfo) -> None:
+        self._seen.append(info)
+        self._manager.begin_pass(info)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._manager, name)
 
 
 def test_registered_under_offload_hf() -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
+
+from mypy_extensions import mypyc_attr
 
 from specmd.cache.keys import ExpertKey, Tick
 
@@ -54,6 +55,7 @@ class Routed(NamedTuple):
     """Its best position in any of those tokens' top-k (0 = a first choice)."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class EvictionPolicy(ABC):
     """Decides which resident expert leaves the cache when room is needed."""
 
@@ -88,6 +90,7 @@ class RoutePrediction(NamedTuple):
     logits: Sequence[Sequence[float]]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PrefetchPolicy(ABC):
     """Chooses experts to load before their layer asks for them."""
 
@@ -124,7 +127,6 @@ class Substitute:
 MissAction = Fetch | Drop | Substitute
 
 
-@dataclass(frozen=True)
 class MissContext:
     """What a miss policy may consult about the layer being served.
 
@@ -140,19 +142,33 @@ class MissContext:
         resident: (a property) keys of this layer resident and ready now, at any precision.
     """
 
-    layer: int
-    routing: Mapping[int, Routed]
-    probs: Mapping[int, float] | None
-    stored: Mapping[str, int]
-    wait_s: float
-    bandwidth_bytes_s: float | None
-    latency_s: float
-    find_resident: Callable[[], Sequence[ExpertKey]] = field(repr=False, compare=False)
+    def __init__(
+        self,
+        layer: int,
+        routing: Mapping[int, Routed],
+        probs: Mapping[int, float] | None,
+        stored: Mapping[str, int],
+        wait_s: float,
+        bandwidth_bytes_s: float | None,
+        latency_s: float,
+        find_resident: Callable[[], Sequence[ExpertKey]],
+    ) -> None:
+        self.layer = layer
+        self.routing = routing
+        self.probs = probs
+        self.stored = stored
+        self.wait_s = wait_s
+        self.bandwidth_bytes_s = bandwidth_bytes_s
+        self.latency_s = latency_s
+        self.find_resident = find_resident
+        self._resident: Sequence[ExpertKey] | None = None
 
-    @cached_property
+    @property
     def resident(self) -> Sequence[ExpertKey]:
         """Keys of this layer resident and ready now, at any precision (looked up on first use)."""
-        return self.find_resident()
+        if self._resident is None:
+            self._resident = self.find_resident()
+        return self._resident
 
     def transfer_s(self, nbytes: int) -> float:
         """Emulated seconds a transfer of `nbytes` issued now would take to land."""
@@ -161,6 +177,7 @@ class MissContext:
         return self.wait_s + self.latency_s + nbytes / self.bandwidth_bytes_s
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MissPolicy(ABC):
     """Decides what a miss costs: which copy to fetch, or what to do instead."""
 
@@ -174,6 +191,7 @@ class MissPolicy(ABC):
         """The action for a request of `key` (at the requested precision) that is not resident."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RoutingPolicy(ABC):
     """May steer the router toward resident experts; the standard policy leaves routing untouched.
 

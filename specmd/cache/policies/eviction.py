@@ -5,9 +5,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from bisect import bisect_right
+from bisect import bisect_right, insort
 from collections import OrderedDict
 from collections.abc import Mapping
+
+from mypy_extensions import mypyc_attr
 
 from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.policies.base import Candidates, EvictionPolicy, Future, Routed
@@ -51,15 +53,16 @@ def _pop_evictable(heap: list, live: dict[ExpertKey, int], candidates: Candidate
     return victim
 
 
-@register_eviction("lru")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LRU(EvictionPolicy):
     """Least recently used: evicts the expert whose last request (or arrival) is oldest."""
 
     def __init__(self) -> None:
-        self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+        self._order: dict[ExpertKey, None] = {}  # least recent first
 
     def on_access(self, key: ExpertKey, now: Tick) -> None:
-        self._order.move_to_end(key)
+        del self._order[key]
+        self._order[key] = None
 
     def on_insert(self, key: ExpertKey, now: Tick) -> None:
         self._order[key] = None
@@ -72,31 +75,31 @@ class LRU(EvictionPolicy):
         raise LookupError("LRU found no evictable expert")
 
 
-@register_eviction("least-stale", "ls")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LeastStale(EvictionPolicy):
     """Least-Stale (SpecMD §4.2): evicts experts not used in the current forward pass first.
 
     An expert is *current* once requested or loaded during the ongoing forward pass and *stale*
     otherwise. Victims come from the stale queue first, then from the current queue, each FIFO by
-    layer position. The current queue is a priority heap keyed by layer position (O(log N) insert):
-    experts enter it out of layer order (a prefetch for layer L+1 arrives before layer L's last
-    demand fetch), and ordering by position keeps experts of layers the pass has not reached over
-    those it has finished with, which is what avoids collision misses. When a pass ends, its current
-    experts join the stale queue in layer order, so the stale queue is FIFO by (pass it went stale,
-    layer): the most stale expert leaves first.
+    layer position. The current queue is kept per position: experts enter it out of layer order (a
+    prefetch for layer L+1 arrives before layer L's last demand fetch), and taking victims from the
+    lowest position first keeps experts of layers the pass has not reached over those it has finished
+    with, which is what avoids collision misses. When a pass ends, its current experts join the end of
+    the stale queue in position order, so the stale queue is FIFO by (pass it went stale, position):
+    the most stale expert leaves first. Every update is O(1); a victim costs a scan to the first
+    evictable expert.
 
     Choices where the paper is not explicit, each isolated in `_position` so a variant is one
     override: an expert's position is its own layer (a prefetched expert sits at the layer it was
-    fetched for, not the layer that issued it), and experts of one layer leave in the order they
-    entered the queue.
+    fetched for, not the layer that issued it), and experts of one position leave in the order they
+    (last) entered the queue.
     """
 
     def __init__(self) -> None:
-        self._pass: int | None = None
-        self._stale: list[tuple[int, int, int, ExpertKey]] = []  # (pass it went stale, position, seq, key)
-        self._current: list[tuple[int, int, ExpertKey]] = []  # (position, seq, key)
-        self._live: dict[ExpertKey, int] = {}  # key -> sequence number of its one live heap entry
-        self._counter = itertools.count()
+        self._pass = -1  # the pass whose experts are current
+        self._stale: dict[ExpertKey, None] = {}  # in eviction order
+        self._current: dict[int, dict[ExpertKey, None]] = {}  # position -> keys in the order they became current
+        self._positions: list[int] = []  # the positions in _current, ascending
 
     def _position(self, key: ExpertKey) -> int:
         return key.layer
@@ -104,33 +107,48 @@ class LeastStale(EvictionPolicy):
     def _roll(self, now: Tick) -> None:
         if now.pass_idx == self._pass:
             return
-        ended, self._pass = self._pass, now.pass_idx
-        live = self._live
-        for position, seq, key in sorted(self._current):
-            if live.get(key) == seq:
-                heapq.heappush(self._stale, (ended or 0, position, seq, key))
-        self._current = []
-        _compact(self._stale, live)  # experts used again went current: their stale entries are superseded
+        self._pass = now.pass_idx
+        for position in self._positions:
+            self._stale.update(self._current[position])
+        self._current = {}
+        self._positions = []
 
-    def _mark_current(self, key: ExpertKey, now: Tick) -> None:
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
         if now.pass_idx != self._pass:
             self._roll(now)
-        seq = next(self._counter)
-        self._live[key] = seq
-        heapq.heappush(self._current, (self._position(key), seq, key))
+        position = self._position(key)
+        queue = self._current.get(position)
+        if queue is None:
+            queue = self._current[position] = {}
+            insort(self._positions, position)
+        if key in queue:
+            del queue[key]  # used again: it goes to the back of its position
+        elif key in self._stale:
+            del self._stale[key]
+        queue[key] = None
 
-    on_access = _mark_current
-    on_insert = _mark_current
+    def on_insert(self, key: ExpertKey, now: Tick) -> None:
+        self.on_access(key, now)
 
     def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
         self._roll(now)
-        for heap in (self._stale, self._current):
-            victim = _pop_evictable(heap, self._live, candidates)
-            if victim is not None:
-                return victim
+        for key in self._stale:
+            if key in candidates:
+                del self._stale[key]
+                return key
+        for i, position in enumerate(self._positions):
+            queue = self._current[position]
+            for key in queue:
+                if key in candidates:
+                    del queue[key]
+                    if not queue:
+                        del self._current[position]
+                        del self._positions[i]
+                    return key
         raise LookupError("Least-Stale found no evictable expert")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class _LowestFirst(EvictionPolicy):
     """Shared bookkeeping for policies that evict the lowest-valued resident key (ties: least recent).
 
@@ -155,7 +173,7 @@ class _LowestFirst(EvictionPolicy):
         return victim
 
 
-@register_eviction("belady", "min")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Belady(_LowestFirst):
     """Belady's MIN (replay only): evicts the expert whose next request is farthest in the future.
 
@@ -180,11 +198,14 @@ class Belady(_LowestFirst):
         i = bisect_right(uses, now.step)
         self._set(key, -(uses[i] if i < len(uses) else math.inf))  # lowest value = farthest next use
 
-    on_access = _note
-    on_insert = _note
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
+        self._note(key, now)
+
+    def on_insert(self, key: ExpertKey, now: Tick) -> None:
+        self._note(key, now)
 
 
-@register_eviction("lfu")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LFU(_LowestFirst):
     """Least frequently used: evicts the expert requested least often so far (ties: least recent).
 
@@ -200,14 +221,17 @@ class LFU(_LowestFirst):
         self._uses[key] = self._uses.get(key, 0) + 1
         self._set(key, self._uses[key])
 
-    on_access = _use
-    on_insert = _use
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
+        self._use(key, now)
+
+    def on_insert(self, key: ExpertKey, now: Tick) -> None:
+        self._use(key, now)
 
 
 HIGH_PRECISIONS = frozenset({"bf16", "fp16", "fp32"})
 
 
-@register_eviction("lhu")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LHU(_LowestFirst):
     """Least high-precision used (HOBBIT-style): evicts the expert used least often at high precision.
 
@@ -226,11 +250,14 @@ class LHU(_LowestFirst):
             self._high_uses[expert] = self._high_uses.get(expert, 0) + 1
         self._set(key, self._high_uses.get(expert, 0))
 
-    on_access = _use
-    on_insert = _use
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
+        self._use(key, now)
+
+    def on_insert(self, key: ExpertKey, now: Tick) -> None:
+        self._use(key, now)
 
 
-@register_eviction("fld")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class FarthestLayer(EvictionPolicy):
     """Farthest layer distance: evicts an expert of the layer the forward pass will reach last.
 
@@ -247,8 +274,11 @@ class FarthestLayer(EvictionPolicy):
         bucket[key] = None
         bucket.move_to_end(key)
 
-    on_access = _use
-    on_insert = _use
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
+        self._use(key, now)
+
+    def on_insert(self, key: ExpertKey, now: Tick) -> None:
+        self._use(key, now)
 
     def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
         span = max(self._layers) + 1
@@ -262,7 +292,7 @@ class FarthestLayer(EvictionPolicy):
         raise LookupError("FLD found no evictable expert")
 
 
-@register_eviction("score", "sb")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ScoreBased(_LowestFirst):
     """Score-based: evicts the expert with the lowest accumulated gate score.
 
@@ -296,3 +326,14 @@ class ScoreBased(_LowestFirst):
         victim = super().choose_victim(candidates, now)
         self._resident[(victim.layer, victim.expert)].discard(victim)
         return victim
+
+
+# Registered here rather than by class decorators: a decorated class could not be compiled as a native
+# class (specmd/compiled.py).
+register_eviction("lru")(LRU)
+register_eviction("least-stale", "ls")(LeastStale)
+register_eviction("belady", "min")(Belady)
+register_eviction("lfu")(LFU)
+register_eviction("lhu")(LHU)
+register_eviction("fld")(FarthestLayer)
+register_eviction("score", "sb")(ScoreBased)

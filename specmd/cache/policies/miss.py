@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.policies.base import Drop, Fetch, MissAction, MissContext, MissPolicy, Substitute
 from specmd.cache.policies.spec import register_miss
@@ -15,7 +17,7 @@ def _resident_copy(key: ExpertKey, context: MissContext) -> str | None:
     return max(copies, key=context.stored.__getitem__) if copies else None
 
 
-@register_miss("fetch")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class FetchOnMiss(MissPolicy):
     """Fetch the requested expert at its requested precision and wait for it (lossless)."""
 
@@ -29,7 +31,7 @@ class FetchOnMiss(MissPolicy):
         return action
 
 
-@register_miss("fetch-lowest-bit")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class FetchLowestBit(MissPolicy):
     """Use a resident copy of the expert at any precision if there is one, else fetch the smallest stored copy."""
 
@@ -38,7 +40,7 @@ class FetchLowestBit(MissPolicy):
         return Fetch(resident or min(context.stored, key=context.stored.__getitem__))
 
 
-@register_miss("fetch-priority")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class FetchPriority(MissPolicy):
     """Important experts at full precision; the rest at a lower precision when the transfer would stall.
 
@@ -72,7 +74,7 @@ class FetchPriority(MissPolicy):
         return Fetch(key.precision)
 
 
-@register_miss("drop")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class DropOnMiss(MissPolicy):
     """Skip a missing expert whose best rank in its tokens' top-k is `rank` or worse (1 = first choice;
     default 3); better-ranked experts are fetched. A dropped expert contributes nothing to its tokens."""
@@ -90,7 +92,7 @@ class DropOnMiss(MissPolicy):
         return Fetch(key.precision)
 
 
-@register_miss("substitute")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SubstituteOnMiss(MissPolicy):
     """Run a missing expert's tokens through the resident expert of the same layer whose router
     probability is closest to its own, if within `tolerance` (absolute difference of mean probabilities
@@ -123,7 +125,7 @@ class SubstituteOnMiss(MissPolicy):
         return Substitute(best.expert, best.precision)
 
 
-@register_miss("cascade")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Cascade(MissPolicy):
     """HOBBIT-style precision cascade: the expert's mean routing weight per token picks the precision.
 
@@ -150,3 +152,13 @@ class Cascade(MissPolicy):
         ladder = sorted(context.stored, key=context.stored.__getitem__, reverse=True)
         level = sum(weight < t for t in self.thresholds)
         return Fetch(ladder[min(level, len(ladder) - 1)])
+
+
+# Registered here rather than by class decorators: a decorated class could not be compiled as a native
+# class (specmd/compiled.py).
+register_miss("fetch")(FetchOnMiss)
+register_miss("fetch-lowest-bit")(FetchLowestBit)
+register_miss("fetch-priority")(FetchPriority)
+register_miss("drop")(DropOnMiss)
+register_miss("substitute")(SubstituteOnMiss)
+register_miss("cascade")(Cascade)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from mypy_extensions import mypyc_attr
+
 from specmd.cache.keys import Tick
 from specmd.cache.policies.base import Future, PrefetchPolicy, RoutePrediction
 from specmd.cache.policies.spec import register_prefetch
 
 
-@register_prefetch("none")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class NoPrefetch(PrefetchPolicy):
     """No prefetching: every expert is loaded on demand."""
 
@@ -20,7 +22,7 @@ class NoPrefetch(PrefetchPolicy):
         return ()
 
 
-@register_prefetch("topk")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TopK(PrefetchPolicy):
     """Top-k: per token, the next layer's k highest predicted experts, k = the model's top-k x `overfetch`.
 
@@ -43,7 +45,7 @@ class TopK(PrefetchPolicy):
         return sorted(best, key=lambda e: (-best[e], e))
 
 
-@register_prefetch("oracle")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Oracle(PrefetchPolicy):
     """Oracle (replay only): prefetches exactly the experts the next MoE layer will request, most tokens first.
 
@@ -73,7 +75,7 @@ def _softmax(row: Sequence[float]) -> list[float]:
     return [x / total for x in exps]
 
 
-@register_prefetch("score")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ScorePrefetch(PrefetchPolicy):
     """Score-based: per token, the next layer's experts that together hold the top `percentile`% of the
     predicted probability mass (softmax of the predicted logits).
@@ -103,7 +105,7 @@ class ScorePrefetch(PrefetchPolicy):
         return sorted(best, key=lambda e: (-best[e], e))
 
 
-@register_prefetch("lookahead")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Lookahead(TopK):
     """Top-k prefetch for the next `depth` MoE layers at once, each predicted by its own router applied to
     this layer's input (later layers are predicted less accurately, and their transfers start earlier)."""
@@ -113,3 +115,12 @@ class Lookahead(TopK):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"lookahead depth must be an integer >= 1, got {depth!r}")
         self.depth = depth
+
+
+# Registered here rather than by class decorators: a decorated class could not be compiled as a native
+# class (specmd/compiled.py).
+register_prefetch("none")(NoPrefetch)
+register_prefetch("topk")(TopK)
+register_prefetch("oracle")(Oracle)
+register_prefetch("score")(ScorePrefetch)
+register_prefetch("lookahead")(Lookahead)
