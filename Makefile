@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml setup.cfg setup.py
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint test-compiled clean-compiled
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -22,3 +22,17 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The same suite against the engine compiled with mypyc (setup.py, SPECMD_COMPILE=1), built in place and removed
+# afterwards so the checkout runs its .py files again.
+MYPY_VERSION ?= 2.4.1
+test-compiled: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet mypy==$(MYPY_VERSION)
+	trap '$(MAKE) --no-print-directory clean-compiled' EXIT; \
+	SPECMD_COMPILE=1 $(BIN)/python setup.py --quiet build_ext --inplace && \
+	SPECMD_EXPECT_COMPILED=1 $(BIN)/python -m pytest
+
+clean-compiled:
+	find specmd -name '*.so' -delete
+	rm -f ./*__mypyc.*.so
+	rm -rf build

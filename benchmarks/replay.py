@@ -4,7 +4,8 @@ Builds a synthetic trace of OLMoE-1B-7B's shape (16 MoE layers x 64 experts, top
 12.6 MB) in which each decode token re-uses about half of the previous token's experts in each layer,
 saves it in the compact .npz form, loads it back, and replays it through `specmd.sim` with each
 eviction policy (no prefetch) and with top-k prefetch where the trace records next-layer logits.
-Reports requests per second and microseconds per request (the engine's cost on the lookup path).
+Reports requests per second and microseconds per request (the engine's cost on the lookup path), and
+whether the engine runs compiled (SPECMD_COMPILE=1 builds, see the README) or as pure Python.
 
     python benchmarks/replay.py [--tokens 8000]
 """
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from specmd.cache.config import CacheConfig
+from specmd.compiled import is_compiled
 from specmd.sim.replay import run_trace
 from specmd.sim.trace import Trace, TraceEvent, load_trace
 
@@ -82,6 +84,7 @@ def main() -> None:
         trace.passes()
         load_s = time.perf_counter() - start
         requests = trace.num_requests
+        print(f"engine: {'compiled (mypyc)' if is_compiled() else 'pure Python'}")
         print(f"trace: {requests:,} requests ({args.tokens:,} tokens x {LAYERS} layers x top-{TOP_K}); "
               f"loading the .npz and building its passes took {load_s:.2f} s")  # fmt: skip
         print(f"{'policy':36}{'capacity':>9}{'requests/s':>14}{'us/request':>12}{'hit rate':>10}")
@@ -98,7 +101,7 @@ def main() -> None:
             print(f"{policy:36}{0.25:>9.0%}{row['requests_per_s']:>14,.0f}{row['us_per_request']:>12.2f}"
                   f"{row['hit_rate']:>10.1%}  ({row['requests']:,} requests)")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "load_s": load_s, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"args": vars(args), "compiled": is_compiled(), "load_s": load_s, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
