@@ -101,7 +101,8 @@ def main() -> None:
             print(f"{policy:36}{0.25:>9.0%}{row['requests_per_s']:>14,.0f}{row['us_per_request']:>12.2f}"
                   f"{row['hit_rate']:>10.1%}  ({row['requests']:,} requests)")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "compiled": is_compiled(), "load_s": load_s, "rows": rows}, indent=2) + "\n")
+        results = {"args": vars(args), "compiled": is_compiled(), "load_s": load_s, "rows": rows}
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

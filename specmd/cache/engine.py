@@ -19,12 +19,13 @@ class Entry:
     """A resident (or arriving) expert copy.
 
     ``ready_at`` is the emulated time its transfer completes (it is in flight before then);
-    ``prefetch_pass`` is the pass it was prefetched for, until a request of its layer in that pass uses it.
+    ``prefetch_pass`` is the pass it was prefetched for, until a request of its layer in that pass uses it
+    (0 otherwise: passes count from 1).
     """
 
     __slots__ = ("nbytes", "pins", "prefetch_pass", "ready_at")
 
-    def __init__(self, nbytes: int, ready_at: float, pins: int = 0, prefetch_pass: int | None = None) -> None:
+    def __init__(self, nbytes: int, ready_at: float, pins: int = 0, prefetch_pass: int = 0) -> None:
         self.nbytes = nbytes
         self.ready_at = ready_at
         self.pins = pins
@@ -126,15 +127,21 @@ class ExpertCache:
     # ---- pins and accesses ---------------------------------------------------------------------
     def pin(self, key: ExpertKey) -> None:
         """Protect `key` from eviction until the matching `unpin`."""
-        entry = self._entries[key]
+        self.hold(self._entries[key])
+
+    def unpin(self, key: ExpertKey) -> None:
+        self.release(self._entries[key])
+
+    def hold(self, entry: Entry) -> None:
+        """`pin` by the entry that `get` or `insert` returned (the hot path saves the lookup)."""
         if not entry.pins:
             self._pinned_bytes += entry.nbytes
         entry.pins += 1
 
-    def unpin(self, key: ExpertKey) -> None:
-        entry = self._entries[key]
+    def release(self, entry: Entry) -> None:
+        """`unpin` by the entry."""
         if entry.pins <= 0:
-            raise RuntimeError(f"unpin of {key} which is not pinned")
+            raise RuntimeError("unpin of an expert which is not pinned")
         entry.pins -= 1
         if not entry.pins:
             self._pinned_bytes -= entry.nbytes
@@ -194,9 +201,12 @@ class ExpertCache:
         ready_at: float,
         *,
         pinned: bool = False,
-        prefetch_pass: int | None = None,
-    ) -> None:
-        """Admit `key`, arriving at emulated time `ready_at`; room must have been made."""
+        prefetch_pass: int = 0,
+    ) -> Entry:
+        """Admit `key`, arriving at emulated time `ready_at`, and return its entry; room must have been made.
+
+        `pinned` admits it pinned once; `prefetch_pass` marks a prefetch with the pass it is for.
+        """
         nbytes = self.sizes[key.precision]
         if key in self._entries:
             raise RuntimeError(f"{key} is already resident")
@@ -215,6 +225,7 @@ class ExpertCache:
         self.eviction.on_insert(key, now)
         if self.listener is not None:
             self.listener.on_load(key)
+        return entry
 
     def warm(self, keys: Iterable[ExpertKey] | None = None) -> int:
         """Preload `keys` (default: the catalog, layer by layer) while they fit without evicting.

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from heapq import heapify, heappop, heappush
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from specmd.cache.clock import ComputeModel, PassInfo, WallClock, wall_clock
-from specmd.cache.engine import ExpertCache
+from specmd.cache.engine import Entry, ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.policies.base import Drop, Fetch, MissContext, Routed, RoutePrediction, Substitute
 from specmd.cache.policies.spec import Policies
 from specmd.cache.stats import CacheStats, StatsRecorder
 from specmd.cache.transfer import EmulatedLink
+
+_NO_ROUTING: Mapping[int, Routed] = MappingProxyType({})  # a miss context's routing when no policy reads it
 
 
 class Payload(Protocol):
@@ -188,7 +190,7 @@ class CacheManager:
         self.step += 1
         step, pass_idx = self.step, self.pass_idx
         tick = Tick(step, pass_idx, layer, t)
-        cache, keys, policies = self.cache, self._keys[layer], self.policies
+        cache, keys, policies, precision = self.cache, self._keys[layer], self.policies, self.precision
         eviction, miss = policies.eviction, policies.miss
         self._drop_queued(layer)
         if routing is None and (eviction.needs_routing or miss.needs_routing):
@@ -198,10 +200,12 @@ class CacheManager:
 
         hits = late = misses = collisions = used = drops = substitutions = 0
         context: MissContext | None = None
-        ready: list[tuple[float, int, ExpertKey, int]] = []  # pinned: (ready at, routed expert, key, bytes)
-        pending: list[tuple[ExpertKey, int]] = []  # misses waiting for room: (key, routed expert)
+        # pinned experts to compute: (ready at, routed expert, key, entry, tokens); expert is unique per layer
+        ready: list[tuple[float, int, ExpertKey, Entry, int]] = []  # found by the lookups
+        pending: list[tuple[ExpertKey, int, int]] = []  # misses waiting for room: (key, routed expert, tokens)
         evicted_in_pass = self._evicted_in_pass
         for expert in sorted(requests):
+            tokens = requests[expert]
             key = keys[expert]
             entry = cache.get(key)
             if entry is None:
@@ -215,7 +219,7 @@ class CacheManager:
                         entry = cache.get(key)  # a copy at that precision may be resident: then it is a hit
                     missed = entry is None
                     if missed:
-                        pending.append((key, expert))
+                        pending.append((key, expert, tokens))
                 elif type(action) is Drop:
                     drops += 1
                 elif type(action) is Substitute:
@@ -243,24 +247,31 @@ class CacheManager:
                 late += 1
             if entry.prefetch_pass == pass_idx:
                 used += 1
-                entry.prefetch_pass = None
-            cache.pin(key)
+                entry.prefetch_pass = 0
+            cache.hold(entry)
             cache.touch(key, tick)
-            ready.append((entry.ready_at, expert, key, entry.nbytes))
-        heapify(ready)
+            ready.append((entry.ready_at, expert, key, entry, tokens))
+        ready.sort()
 
         self._enqueue_prefetches(layer, predicted, tick)
 
         stall = 0.0
         fetched_bytes = 0
-        fetched: dict[str, int] = {}  # precision -> demand fetches
+        fetched = 0  # demand fetches at the manager's precision
+        fetched_other: dict[str, int] = {}  # demand fetches at other precisions
         queue, link, payload, compute = self._queue, self.link, self.payload, self.compute
         cost = self._expert_cost
+        own_bytes = cache.sizes[precision]
+        cost_bytes, by_tokens = -1, {}  # the cost table of the last expert size met (usually the only one)
         waiting = 0  # pending[waiting:] still need room
-        while waiting < len(pending) or ready:
+        # Demand fetches land in the order they were issued (the link is FIFO, and misses wait in expert order),
+        # so `landing` stays sorted like `ready`: merging the two computes experts in (ready at, expert) order.
+        landing: list[tuple[float, int, ExpertKey, Entry, int]] = []
+        next_ready = next_landing = 0
+        while waiting < len(pending) or next_ready < len(ready) or next_landing < len(landing):
             while waiting < len(pending):
-                key, expert = pending[waiting]
-                nbytes = cache.sizes[key.precision]
+                key, expert, tokens = pending[waiting]
+                nbytes = own_bytes if key.precision is precision else cache.sizes[key.precision]
                 if tick.time_s != t:
                     tick = Tick(step, pass_idx, layer, t)
                 evicted = cache.make_room(nbytes, tick)
@@ -269,12 +280,15 @@ class CacheManager:
                 if evicted:
                     self._note_evictions(evicted)
                 finish = link.schedule(nbytes, t)
-                cache.insert(key, tick, finish, pinned=True)
-                fetched[key.precision] = fetched.get(key.precision, 0) + 1
+                entry = cache.insert(key, tick, finish, pinned=True)
+                if key.precision == precision:
+                    fetched += 1
+                else:
+                    fetched_other[key.precision] = fetched_other.get(key.precision, 0) + 1
                 fetched_bytes += nbytes
-                heappush(ready, (finish, expert, key, nbytes))
+                landing.append((finish, expert, key, entry, tokens))
                 waiting += 1
-            if not ready:
+            if next_ready == len(ready) and next_landing == len(landing):
                 arrival = cache.next_arrival(t)
                 if arrival is None:
                     blocked = pending[waiting][0]
@@ -287,7 +301,12 @@ class CacheManager:
                 continue
             if queue and waiting == len(pending):
                 self._pump(Tick(step, pass_idx, layer, t))
-            ready_at, expert, key, nbytes = heappop(ready)
+            if next_landing < len(landing) and (next_ready == len(ready) or landing[next_landing] < ready[next_ready]):
+                ready_at, expert, key, entry, tokens = landing[next_landing]
+                next_landing += 1
+            else:
+                ready_at, expert, key, entry, tokens = ready[next_ready]
+                next_ready += 1
             if ready_at > t:
                 stall += ready_at - t
                 t = ready_at
@@ -295,15 +314,15 @@ class CacheManager:
             if compute is None:
                 t += measured
             else:
-                tokens = requests[expert]
-                by_tokens = cost.get(nbytes)
-                if by_tokens is None:
-                    by_tokens = cost[nbytes] = {}
+                nbytes = entry.nbytes
+                if nbytes != cost_bytes:
+                    cost_bytes = nbytes
+                    by_tokens = cost.setdefault(nbytes, {})
                 seconds = by_tokens.get(tokens)
                 if seconds is None:
                     seconds = by_tokens[tokens] = compute.expert_s(nbytes, tokens)
                 t += seconds
-            cache.unpin(key)
+            cache.release(entry)
         if queue:
             self._pump(Tick(step, pass_idx, layer, t))
 
@@ -319,8 +338,10 @@ class CacheManager:
         counters.bytes_transferred += fetched_bytes
         counters.stall_s += stall
         by_precision = self.stats.fetches_by_precision
-        for precision, count in fetched.items():
-            by_precision[precision] += count
+        if fetched:
+            by_precision[precision] += fetched
+        for other, count in fetched_other.items():
+            by_precision[other] += count
         self.time = t
         if compute is None:  # measured compute: the next dense span is timed from here
             self._wall_mark = self.wall()
@@ -329,13 +350,14 @@ class CacheManager:
         self, layer: int, t: float, routing: Mapping[int, Routed] | None, probs: Mapping[int, float] | None
     ) -> MissContext:
         link = self.link
+        wait_s = link.busy_until - t
         return MissContext(
             layer=layer,
-            routing=routing or {},
+            routing=_NO_ROUTING if routing is None else routing,
             probs=probs,
             find_resident=lambda: self.cache.ready_in_layer(layer, t),
             stored=self.cache.sizes,
-            wait_s=max(0.0, link.busy_until - t),
+            wait_s=wait_s if wait_s > 0.0 else 0.0,
             bandwidth_bytes_s=link.bytes_per_s,
             latency_s=link.latency_s,
         )

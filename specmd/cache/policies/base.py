@@ -78,16 +78,22 @@ class EvictionPolicy(ABC):
         """Return a key from `candidates` to evict, and forget it: the engine evicts it at once."""
 
 
-class RoutePrediction(NamedTuple):
+class RoutePrediction:
     """A layer's routing as predicted one or more layers ahead.
 
     ``logits[t][e]`` is the predicted router logit of expert ``e`` of ``layer`` for real token ``t``;
     ``top_k`` is how many experts the model routes each token to.
     """
 
-    layer: int
-    top_k: int
-    logits: Sequence[Sequence[float]]
+    __slots__ = ("layer", "logits", "top_k")
+
+    def __init__(self, layer: int, top_k: int, logits: Sequence[Sequence[float]]) -> None:
+        self.layer = layer
+        self.top_k = top_k
+        self.logits = logits
+
+    def __repr__(self) -> str:
+        return f"RoutePrediction(layer={self.layer}, top_k={self.top_k}, tokens={len(self.logits)})"
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

@@ -105,15 +105,15 @@ class LeastStale(EvictionPolicy):
         return key.layer
 
     def _roll(self, now: Tick) -> None:
-        if now.pass_idx == self._pass:
-            return
+        """A new pass began: the current experts go stale, behind those already stale, in position order."""
         self._pass = now.pass_idx
         for position in self._positions:
             self._stale.update(self._current[position])
         self._current = {}
         self._positions = []
 
-    def on_access(self, key: ExpertKey, now: Tick) -> None:
+    def _queue_of(self, key: ExpertKey, now: Tick) -> dict[ExpertKey, None]:
+        """The current queue of `key`'s position in the pass of `now`."""
         if now.pass_idx != self._pass:
             self._roll(now)
         position = self._position(key)
@@ -121,21 +121,27 @@ class LeastStale(EvictionPolicy):
         if queue is None:
             queue = self._current[position] = {}
             insort(self._positions, position)
+        return queue
+
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
+        queue = self._queue_of(key, now)
         if key in queue:
             del queue[key]  # used again: it goes to the back of its position
-        elif key in self._stale:
+        elif self._stale and key in self._stale:
             del self._stale[key]
         queue[key] = None
 
     def on_insert(self, key: ExpertKey, now: Tick) -> None:
-        self.on_access(key, now)
+        self._queue_of(key, now)[key] = None  # an inserted key is in no queue: it was evicted, or never resident
 
     def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
-        self._roll(now)
-        for key in self._stale:
-            if key in candidates:
-                del self._stale[key]
-                return key
+        if now.pass_idx != self._pass:
+            self._roll(now)
+        if self._stale:
+            for key in self._stale:
+                if key in candidates:
+                    del self._stale[key]
+                    return key
         for i, position in enumerate(self._positions):
             queue = self._current[position]
             for key in queue:
