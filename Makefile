@@ -24,13 +24,14 @@ test: lint
 	$(BIN)/python -m pytest
 
 # The same suite against the engine compiled with mypyc (setup.py, SPECMD_COMPILE=1), built in place and removed
-# afterwards so the checkout runs its .py files again.
+# afterwards so the checkout runs its .py files again. mypyc's shared runtime module lands at the checkout's root
+# (a wheel puts it in site-packages), so PYTHONPATH lets the console script's subprocesses import it too.
 MYPY_VERSION ?= 2.4.1
 test-compiled: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet mypy==$(MYPY_VERSION)
 	trap '$(MAKE) --no-print-directory clean-compiled' EXIT; \
 	SPECMD_COMPILE=1 $(BIN)/python setup.py --quiet build_ext --inplace && \
-	SPECMD_EXPECT_COMPILED=1 $(BIN)/python -m pytest
+	SPECMD_EXPECT_COMPILED=1 PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest
 
 clean-compiled:
 	find specmd -name '*.so' -delete
