@@ -130,7 +130,11 @@ class ExpertCache:
         self.hold(self._entries[key])
 
     def unpin(self, key: ExpertKey) -> None:
-        self.release(self._entries[key])
+        """Undo one `pin` of `key`."""
+        entry = self._entries[key]
+        if entry.pins <= 0:
+            raise RuntimeError(f"unpin of {key} which is not pinned")
+        self.release(entry)
 
     def hold(self, entry: Entry) -> None:
         """`pin` by the entry that `get` or `insert` returned (the hot path saves the lookup)."""

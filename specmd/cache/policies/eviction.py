@@ -172,6 +172,9 @@ class _LowestFirst(EvictionPolicy):
         heapq.heappush(self._heap, (value, recency, key))
         _compact(self._heap, self._live)
 
+    def on_insert(self, key: ExpertKey, now: Tick) -> None:
+        self.on_access(key, now)  # an arrival is ranked as an access
+
     def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
         victim = _pop_evictable(self._heap, self._live, candidates)
         if victim is None:
@@ -197,18 +200,12 @@ class Belady(_LowestFirst):
     def bind_future(self, future: Future) -> None:
         self._uses = future.uses
 
-    def _note(self, key: ExpertKey, now: Tick) -> None:
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
         if self._uses is None:
             raise RuntimeError("belady eviction needs the future: it runs only in trace replay")
         uses = self._uses.get((key.layer, key.expert), ())
         i = bisect_right(uses, now.step)
         self._set(key, -(uses[i] if i < len(uses) else math.inf))  # lowest value = farthest next use
-
-    def on_access(self, key: ExpertKey, now: Tick) -> None:
-        self._note(key, now)
-
-    def on_insert(self, key: ExpertKey, now: Tick) -> None:
-        self._note(key, now)
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -223,15 +220,9 @@ class LFU(_LowestFirst):
         super().__init__()
         self._uses: dict[ExpertKey, int] = {}
 
-    def _use(self, key: ExpertKey, now: Tick) -> None:
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
         self._uses[key] = self._uses.get(key, 0) + 1
         self._set(key, self._uses[key])
-
-    def on_access(self, key: ExpertKey, now: Tick) -> None:
-        self._use(key, now)
-
-    def on_insert(self, key: ExpertKey, now: Tick) -> None:
-        self._use(key, now)
 
 
 HIGH_PRECISIONS = frozenset({"bf16", "fp16", "fp32"})
@@ -250,17 +241,11 @@ class LHU(_LowestFirst):
         super().__init__()
         self._high_uses: dict[tuple[int, int], int] = {}
 
-    def _use(self, key: ExpertKey, now: Tick) -> None:
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
         expert = (key.layer, key.expert)
         if key.precision in HIGH_PRECISIONS:
             self._high_uses[expert] = self._high_uses.get(expert, 0) + 1
         self._set(key, self._high_uses.get(expert, 0))
-
-    def on_access(self, key: ExpertKey, now: Tick) -> None:
-        self._use(key, now)
-
-    def on_insert(self, key: ExpertKey, now: Tick) -> None:
-        self._use(key, now)
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -275,16 +260,13 @@ class FarthestLayer(EvictionPolicy):
     def __init__(self) -> None:
         self._layers: dict[int, OrderedDict[ExpertKey, None]] = {}
 
-    def _use(self, key: ExpertKey, now: Tick) -> None:
+    def on_access(self, key: ExpertKey, now: Tick) -> None:
         bucket = self._layers.setdefault(key.layer, OrderedDict())
         bucket[key] = None
         bucket.move_to_end(key)
 
-    def on_access(self, key: ExpertKey, now: Tick) -> None:
-        self._use(key, now)
-
     def on_insert(self, key: ExpertKey, now: Tick) -> None:
-        self._use(key, now)
+        self.on_access(key, now)
 
     def choose_victim(self, candidates: Candidates, now: Tick) -> ExpertKey:
         span = max(self._layers) + 1
