@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from specmd import OffloadOLMoE, default_model_path
-from specmd.quant.quality import perplexity
+from specmd.eval_tasks.quality import perplexity
 
 ALL = ("bf16", "int8", "int4", "int2")
 RUNS = [  # (label, miss policy, stored precisions)

@@ -299,7 +299,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from specmd.sim.trace import TraceRecorder
+    from specmd.sim.record import TraceRecorder
 
     prompts = _read_prompts(args.prompts)
     if not prompts:
@@ -307,7 +307,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(_model_path(args.model))
     with _load(args, args.policy) as model:
         recorder = TraceRecorder(model.trace_meta())
-        with model.recording(recorder):
+        with model.observe_routing(recorder):
             _generate(model, tokenizer, prompts, args.max_new_tokens)
         stats = model.cache_stats()
     trace = recorder.trace()

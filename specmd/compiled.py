@@ -13,7 +13,7 @@ MODULES = (
     "specmd.cache.keys",
     "specmd.cache.clock",
     "specmd.cache.stats",
-    "specmd.cache.transfer",
+    "specmd.cache.link",
     "specmd.cache.engine",
     "specmd.cache.manager",
     "specmd.cache.policies.base",

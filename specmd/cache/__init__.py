@@ -3,9 +3,9 @@
 from specmd.cache.clock import ModelShape, PassInfo, RooflineCompute
 from specmd.cache.engine import ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
+from specmd.cache.link import EmulatedLink
 from specmd.cache.manager import CacheManager
 from specmd.cache.stats import CacheStats
-from specmd.cache.transfer import EmulatedLink
 
 __all__ = [
     "CacheManager",

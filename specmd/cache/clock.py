@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 WallClock = Callable[[], float]
@@ -40,6 +40,14 @@ class ModelShape:
     dtype_bytes: int
 
     def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "kv_dim", "head_params", "expert_params", "dtype_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"model shape: {name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.dense_params, tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.dense_params
+        ):
+            raise ValueError(f"model shape: dense_params must be integers >= 0, got {self.dense_params!r}")
         if len(self.dense_params) != self.num_layers:
             raise ValueError(
                 f"dense_params has {len(self.dense_params)} entries; expected one per layer ({self.num_layers})"
@@ -50,7 +58,16 @@ class ModelShape:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelShape:
-        return cls(**{**data, "dense_params": tuple(data["dense_params"])})
+        """Read `to_dict`'s form; a missing or unknown field is a ValueError naming it."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a model shape must be an object with {', '.join(names)}, got {data!r}")
+        missing, unknown = sorted(set(names) - set(data)), sorted(set(data) - set(names))
+        if missing or unknown:
+            problem = f"lacks {missing[0]!r}" if missing else f"has an unknown field {unknown[0]!r}"
+            raise ValueError(f"the model shape {problem}; its fields are {', '.join(names)}")
+        dense = data["dense_params"]
+        return cls(**{**data, "dense_params": tuple(dense) if isinstance(dense, list | tuple) else dense})
 
 
 @dataclass(frozen=True)

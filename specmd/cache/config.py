@@ -10,9 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from specmd.cache.hardware import DEFAULT_HARDWARE, HardwareProfile, get_profile
+from specmd.cache.layout import ExpertLayout
+from specmd.cache.link import EmulatedLink
 from specmd.cache.policies.spec import PolicySpec
-from specmd.cache.transfer import EmulatedLink
-from specmd.sim.hardware import DEFAULT_HARDWARE, HardwareProfile, get_profile
 
 PROFILE = "profile"
 
@@ -34,6 +35,8 @@ class CacheConfig:
             emulated time); "profile" = the hardware profile's link.
         link_latency_s: fixed emulated cost per transfer; None = the hardware profile's.
         hardware: profile whose compute peak and memory bandwidth price emulated compute time.
+        predictor: where predicted router logits for prefetch come from (a live model's route predictor,
+            or whose recorded predictions a replay uses); None = the default (a replay: as recorded).
     """
 
     cache_frac: float | None = None
@@ -42,6 +45,7 @@ class CacheConfig:
     bandwidth_gbps: float | str | None = None
     link_latency_s: float | None = None
     hardware: str = DEFAULT_HARDWARE
+    predictor: str | None = None
     version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class CacheConfig:
         if self.link_latency_s is not None and not (is_number(self.link_latency_s) and self.link_latency_s >= 0):
             raise ValueError(f"link_latency_s must be a number >= 0 or None, got {self.link_latency_s!r}")
         get_profile(self.hardware)
+        if self.predictor is not None and not (isinstance(self.predictor, str) and self.predictor):
+            raise ValueError(f"predictor must be a route predictor's name or None, got {self.predictor!r}")
 
     @property
     def profile(self) -> HardwareProfile:
@@ -76,27 +82,23 @@ class CacheConfig:
         latency = self.profile.link_latency_s if self.link_latency_s is None else self.link_latency_s
         return EmulatedLink(bandwidth, latency)  # type: ignore[arg-type]
 
-    @staticmethod
-    def bytes_of_fraction(cache_frac: float, total_bytes: int) -> int:
-        """The bytes a `cache_frac` of `total_bytes` gives (rounded down)."""
-        return int(cache_frac * total_bytes)
-
-    def capacity_bytes(self, total_bytes: int, expert_bytes: int) -> int:
-        """The capacity for routed experts taking `total_bytes` in all, `expert_bytes` each."""
+    def capacity_bytes(self, layout: ExpertLayout) -> int:
+        """The capacity this config gives `layout`'s experts; under one expert (the largest stored copy) is an error."""
+        total, largest = layout.full_bytes, max(layout.expert_bytes.values())
         capacity = self.cache_bytes
         if capacity is None:
-            capacity = self.bytes_of_fraction(self.cache_frac, total_bytes)  # type: ignore[arg-type]
-        if capacity < expert_bytes:
+            capacity = layout.bytes_of_fraction(self.cache_frac)  # type: ignore[arg-type]
+        if capacity < largest:
             given = (
                 f"cache_bytes={self.cache_bytes}"
                 if self.cache_bytes is not None
-                else f"cache_frac={self.cache_frac} ({capacity} B of {total_bytes} B)"
+                else f"cache_frac={self.cache_frac} ({capacity} B of {total} B)"
             )
             raise ValueError(
-                f"{given} holds less than one expert ({expert_bytes} B); use cache_frac >= "
-                f"{expert_bytes / total_bytes:.6g} or cache_bytes >= {expert_bytes}"
+                f"{given} holds less than one expert ({largest} B); use cache_frac >= "
+                f"{largest / total:.6g} or cache_bytes >= {largest}"
             )
-        return min(capacity, total_bytes)
+        return min(capacity, total)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}

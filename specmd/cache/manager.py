@@ -1,10 +1,11 @@
 """The per-layer algorithm (SpecMD's Algorithm 1), driven the same way live and in trace replay.
 
-For each MoE layer of each forward pass: look every requested expert up (hit, late prefetch or miss),
-pin what the layer uses, queue the prefetch policy's picks for the next MoE layer, fetch the misses
-(demand transfers go ahead of queued prefetches), and compute the experts in the order their data
-arrives, unpinning each when done. When the layer needs more experts than fit, experts stream through
-the cache: computing one unpins it, so the next can evict it.
+For each MoE layer of each forward pass: look every requested expert up (hit, late prefetch or miss,
+the miss policy resolving each miss), pin what the layer uses, queue the prefetch policy's picks for
+the predicted targets (a later MoE layer of this pass, or a layer of a later pass), fetch the misses
+(demand transfers go ahead of queued prefetches), compute the experts in the order their data arrives,
+unpinning each when done, and count. When the layer needs more experts than fit, experts stream
+through the cache: computing one unpins it, so the next can evict it.
 
 Everything happens on the emulated clock, a small discrete-event simulation: events are the layer's
 start and each expert's completion. Queued prefetches start at an event when the link is idle and room
@@ -15,23 +16,42 @@ can be made without touching pinned or arriving experts. Compute time comes from
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from specmd.cache.clock import ComputeModel, PassInfo, WallClock, wall_clock
-from specmd.cache.engine import Entry, ExpertCache
+from specmd.cache.engine import CacheListener, Entry, ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
+from specmd.cache.layout import ExpertLayout
+from specmd.cache.link import EmulatedLink
 from specmd.cache.policies.base import Drop, Fetch, MissContext, Routed, RoutePrediction, Substitute
 from specmd.cache.policies.spec import Policies
 from specmd.cache.stats import CacheStats, StatsRecorder
-from specmd.cache.transfer import EmulatedLink
 
 _NO_ROUTING: Mapping[int, Routed] = MappingProxyType({})  # a miss context's routing when no policy reads it
 
+Target = tuple[int, int]
+"""Where a prediction or a prefetch is aimed: (passes ahead, MoE layer); (0, L) is layer L of this pass."""
 
-class Payload(Protocol):
-    """The live side: runs an expert's computation on real tensors."""
+NEXT_LAYER = "next-layer"
+"""The default route predictor, and what every trace records (`next_logits`): the next MoE layer's router
+applied to this layer's input."""
+
+Predictions = Mapping[Target, Sequence[Sequence[float]]]
+"""Predicted router logits per target: one row per predicting token, one value per expert of the target layer."""
+
+PredictedRows = tuple[Sequence[int], Sequence[Sequence[float]]]
+"""One target's predictions with the (real) tokens that made them: (token indices, rows)."""
+
+_Waiting = tuple[ExpertKey, int, int]  # a miss waiting for room: (key, routed expert, tokens)
+_Pinned = tuple[
+    float, int, ExpertKey, Entry, int
+]  # an expert to compute: (ready at, routed expert, key, entry, tokens)
+
+
+class Payload(CacheListener, Protocol):
+    """The live side: moves experts' tensors as keys enter and leave, and runs an expert's computation."""
 
     def compute(self, key: ExpertKey, job: Any, expert: int) -> float:
         """Run the copy `key` on the tokens routed to `expert` (waiting for its data); return wall seconds."""
@@ -42,11 +62,27 @@ class Payload(Protocol):
         ...
 
 
+class _Tally:
+    """One layer's counts, kept while it is served and added to the stats at its end (none if it raises)."""
+
+    __slots__ = ("collisions", "drops", "fetched", "fetched_bytes", "fetched_other", "hits", "late", "misses",
+                 "stall", "substitutions", "used")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.hits = self.late = self.misses = self.collisions = self.used = 0
+        self.drops = self.substitutions = 0
+        self.fetched = 0  # demand fetches at the manager's precision
+        self.fetched_other: dict[str, int] = {}  # demand fetches at other precisions
+        self.fetched_bytes = 0
+        self.stall = 0.0
+
+
 class CacheManager:
     """Runs forward passes layer by layer against an `ExpertCache` under the emulated clock.
 
     Call `begin_pass`, then `run_layer` for each MoE layer in order, then `end_pass`. `requests` maps
-    each expert the layer's real tokens were routed to onto how many tokens chose it.
+    each expert the layer's real tokens were routed to onto how many tokens chose it. `specmd.cache.factory`
+    builds one from a layout and a config.
     """
 
     def __init__(
@@ -55,29 +91,24 @@ class CacheManager:
         policies: Policies,
         link: EmulatedLink,
         compute: ComputeModel | None,
+        layout: ExpertLayout,
         *,
-        precision: str,
-        moe_layers: Sequence[int],
-        num_layers: int,
-        num_experts: int,
-        top_k: int,
-        payload: Payload | None = None,
         wall: WallClock = wall_clock,
     ) -> None:
-        if compute is None and payload is None:
-            raise ValueError("measured compute time needs a live model; give a compute model to replay")
+        precision = layout.precision
         if precision not in cache.sizes:
             raise ValueError(f"precision {precision!r} is not stored; stored: {sorted(cache.sizes)}")
         self.cache = cache
         self.policies = policies
         self.link = link
         self.compute = compute
+        self.layout = layout
         self.precision = precision
-        self.moe_layers = tuple(moe_layers)
-        self.num_layers = num_layers
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.payload = payload
+        self.moe_layers = layout.moe_layers
+        self.num_layers = layout.num_layers
+        self.num_experts = layout.experts_per_layer
+        self.top_k = layout.top_k
+        self.payload: Payload | None = None
         self.wall = wall
         self.stats = StatsRecorder(self.moe_layers)
         self.pass_idx = 0
@@ -93,11 +124,17 @@ class CacheManager:
         self._evicted_in_pass: set[ExpertKey] = set()
         self._queue: deque[tuple[ExpertKey, int]] = deque()  # (key, pass it is for), not yet on the link
         self._queued: set[ExpertKey] = set()
-        self._keys = {layer: [ExpertKey(layer, e, precision) for e in range(num_experts)] for layer in self.moe_layers}
+        self._keys = {
+            layer: [ExpertKey(layer, e, precision) for e in range(self.num_experts)] for layer in self.moe_layers
+        }
         depth = policies.prefetch.depth
         if not (isinstance(depth, int) and depth >= 1):
             raise ValueError(f"prefetch depth must be an integer >= 1, got {depth!r}")
-        self._ahead = {layer: self.moe_layers[i + 1 : i + 1 + depth] for i, layer in enumerate(self.moe_layers)}
+        self._ahead = {
+            layer: tuple((0, later) for later in self.moe_layers[i + 1 : i + 1 + depth])
+            for i, layer in enumerate(self.moe_layers)
+        }
+        self._moe_position = {layer: i for i, layer in enumerate(self.moe_layers)}
         self._expert_cost: dict[int, dict[int, float]] = {}  # bytes -> tokens -> seconds, from the compute model
 
     @property
@@ -110,19 +147,30 @@ class CacheManager:
         """Whether `run_layer` should be given `probs` (every expert's mean router probability)."""
         return self.policies.miss.needs_probs
 
+    def attach(self, payload: Payload) -> None:
+        """Drive real tensors: `payload` follows the cache's residency and computes the experts (a live model)."""
+        if self.cache.resident():
+            raise RuntimeError("attach the payload before anything enters the cache")
+        self.payload = payload
+        self.cache.listener = payload
+
     # ---- passes --------------------------------------------------------------------------------
     def begin_pass(self, info: PassInfo) -> None:
-        """Start a forward pass (a prefill or one decode step)."""
+        """Start a forward pass (a prefill or one decode step); prefetches queued for earlier passes are dropped."""
         if self._in_pass:
             raise RuntimeError("begin_pass called while a pass is running; end or abort it first")
+        if self.compute is None and self.payload is None:
+            raise RuntimeError(
+                "measured compute time needs a live model's payload (attach); replay needs a compute model"
+            )
         self.pass_idx += 1
         self._pass = info
         if self.compute is not None:
             self._dense = [self.compute.dense_s(i, info) for i in range(self.num_layers)]
         self._cursor = -1
         self._evicted_in_pass.clear()
-        self._queue.clear()
-        self._queued.clear()
+        if self._queue:
+            self._keep_queued(lambda key, target_pass: target_pass >= self.pass_idx)
         self._pass_start = self.time
         self._wall_start = self._wall_mark = self.wall()
         self._in_pass = True
@@ -171,39 +219,55 @@ class CacheManager:
         self,
         layer: int,
         requests: Mapping[int, int],
-        predicted: Mapping[int, Sequence[Sequence[float]]] | None = None,
+        predicted: Predictions | None = None,
         job: Any = None,
         routing: Mapping[int, Routed] | None = None,
         probs: Mapping[int, float] | None = None,
     ) -> None:
         """Serve layer `layer`'s requests (expert -> tokens).
 
-        `predicted` maps later MoE layers to their routers' logits on this layer's input (for logit-based
-        prefetch); `routing` says how tokens chose each requested expert and `probs` gives every expert's
-        mean router probability (for the policies that read them; see `wants_routing`, `wants_probs`).
+        `predicted` gives predicted router logits for later targets (for logit-based prefetch; see
+        `prediction_targets`); `routing` says how tokens chose each requested expert and `probs` gives
+        every expert's mean router probability (for the policies that read them; see `wants_routing`,
+        `wants_probs`).
         """
-        # This is the hot path of live runs and replays alike: counters are kept in locals and ticks are
-        # built only where a policy or the engine needs one.
         if self.payload is not None:
             self.payload.check()
         t = self._advance_dense(layer)
         self.step += 1
-        step, pass_idx = self.step, self.pass_idx
-        tick = Tick(step, pass_idx, layer, t)
-        cache, keys, policies, precision = self.cache, self._keys[layer], self.policies, self.precision
-        eviction, miss = policies.eviction, policies.miss
+        tick = Tick(self.step, self.pass_idx, layer, t)
         self._drop_queued(layer)
-        if routing is None and (eviction.needs_routing or miss.needs_routing):
+        policies = self.policies
+        if routing is None and (policies.eviction.needs_routing or policies.miss.needs_routing):
             routing = {e: Routed(n, 0.0, 0) for e, n in requests.items()}  # tokens known, weights not given
-        if eviction.needs_routing:
-            eviction.observe(layer, routing, tick)  # type: ignore[arg-type]
+        if policies.eviction.needs_routing:
+            policies.eviction.observe(layer, routing, tick)  # type: ignore[arg-type]
+        tally = _Tally()
+        ready, pending = self._lookup(layer, requests, tick, routing, probs, tally)
+        self._enqueue_prefetches(layer, predicted, tick)
+        self.time = self._serve(tick, ready, pending, job, tally)
+        self._count(layer, len(requests), tally)
+        if self.compute is None:  # measured compute: the next dense span is timed from here
+            self._wall_mark = self.wall()
 
-        hits = late = misses = collisions = used = drops = substitutions = 0
-        context: MissContext | None = None
-        # pinned experts to compute: (ready at, routed expert, key, entry, tokens); expert is unique per layer
-        ready: list[tuple[float, int, ExpertKey, Entry, int]] = []  # found by the lookups
-        pending: list[tuple[ExpertKey, int, int]] = []  # misses waiting for room: (key, routed expert, tokens)
+    def _lookup(
+        self,
+        layer: int,
+        requests: Mapping[int, int],
+        tick: Tick,
+        routing: Mapping[int, Routed] | None,
+        probs: Mapping[int, float] | None,
+        tally: _Tally,
+    ) -> tuple[list[_Pinned], list[_Waiting]]:
+        """Look every request up; pin what the layer computes. Returns the experts found (sorted by
+        arrival) and the misses waiting for a transfer, in expert order."""
+        # The hot path of live runs and replays alike: counts are kept in locals.
+        cache, keys, pass_idx, t = self.cache, self._keys[layer], self.pass_idx, tick.time_s
         evicted_in_pass = self._evicted_in_pass
+        hits = late = misses = collisions = used = 0
+        context: MissContext | None = None
+        ready: list[_Pinned] = []
+        pending: list[_Waiting] = []
         for expert in sorted(requests):
             tokens = requests[expert]
             key = keys[expert]
@@ -211,25 +275,7 @@ class CacheManager:
             if entry is None:
                 if context is None:
                     context = self._miss_context(layer, t, routing, probs)
-                action = miss.on_miss(key, tick, context)
-                missed = True
-                if type(action) is Fetch:
-                    if action.precision != key.precision:
-                        key = ExpertKey(layer, expert, action.precision)
-                        entry = cache.get(key)  # a copy at that precision may be resident: then it is a hit
-                    missed = entry is None
-                    if missed:
-                        pending.append((key, expert, tokens))
-                elif type(action) is Drop:
-                    drops += 1
-                elif type(action) is Substitute:
-                    key = ExpertKey(layer, action.expert, action.precision)
-                    entry = cache.get(key)
-                    if entry is None or entry.ready_at > t:
-                        raise RuntimeError(f"{type(miss).__name__} substituted {key}, which is not ready")
-                    substitutions += 1
-                else:
-                    raise TypeError(f"{type(miss).__name__} returned {action!r}, not a miss action")
+                key, entry, missed = self._resolve_miss(key, tokens, tick, context, pending, tally)
                 if missed:
                     misses += 1
                     if keys[expert] in evicted_in_pass or (key is not keys[expert] and key in evicted_in_pass):
@@ -252,21 +298,52 @@ class CacheManager:
             cache.touch(key, tick)
             ready.append((entry.ready_at, expert, key, entry, tokens))
         ready.sort()
+        tally.hits, tally.late, tally.misses, tally.collisions, tally.used = hits, late, misses, collisions, used
+        return ready, pending
 
-        self._enqueue_prefetches(layer, predicted, tick)
+    def _resolve_miss(
+        self, key: ExpertKey, tokens: int, tick: Tick, context: MissContext, pending: list[_Waiting], tally: _Tally
+    ) -> tuple[ExpertKey, Entry | None, bool]:
+        """The miss policy's answer for `key`: the copy to use, its entry when resident, and whether the request
+        missed. A fetch that must be transferred joins `pending`; a dropped request has no copy."""
+        miss = self.policies.miss
+        action = miss.on_miss(key, tick, context)
+        if type(action) is Fetch:
+            if action.precision != key.precision:
+                key = ExpertKey(key.layer, key.expert, action.precision)
+                entry = self.cache.get(key)
+                if entry is not None:
+                    return key, entry, False  # a copy at that precision is resident
+            pending.append((key, key.expert, tokens))
+            return key, None, True
+        if type(action) is Drop:
+            tally.drops += 1
+            return key, None, True
+        if type(action) is Substitute:
+            key = ExpertKey(key.layer, action.expert, action.precision)
+            entry = self.cache.get(key)
+            if entry is None or entry.ready_at > tick.time_s:
+                raise RuntimeError(f"{type(miss).__name__} substituted {key}, which is not ready")
+            tally.substitutions += 1
+            return key, entry, True
+        raise TypeError(f"{type(miss).__name__} returned {action!r}, not a miss action")
 
-        stall = 0.0
-        fetched_bytes = 0
-        fetched = 0  # demand fetches at the manager's precision
-        fetched_other: dict[str, int] = {}  # demand fetches at other precisions
-        queue, link, payload, compute = self._queue, self.link, self.payload, self.compute
+    def _serve(self, tick: Tick, ready: list[_Pinned], pending: list[_Waiting], job: Any, tally: _Tally) -> float:
+        """The layer's event loop on the emulated clock: fetch the waiting misses as room allows, start queued
+        prefetches when the link is free, compute each pinned expert once its data has landed and unpin it.
+        Returns the clock when the layer's last expert is done."""
+        cache, precision, queue, link, payload, compute = (
+            self.cache, self.precision, self._queue, self.link, self.payload, self.compute
+        )  # fmt: skip
+        step, pass_idx, layer, t = tick.step, tick.pass_idx, tick.layer, tick.time_s
         cost = self._expert_cost
         own_bytes = cache.sizes[precision]
         cost_bytes, by_tokens = -1, {}  # the cost table of the last expert size met (usually the only one)
+        stall = 0.0
         waiting = 0  # pending[waiting:] still need room
         # Demand fetches land in the order they were issued (the link is FIFO, and misses wait in expert order),
         # so `landing` stays sorted like `ready`: merging the two computes experts in (ready at, expert) order.
-        landing: list[tuple[float, int, ExpertKey, Entry, int]] = []
+        landing: list[_Pinned] = []
         next_ready = next_landing = 0
         while waiting < len(pending) or next_ready < len(ready) or next_landing < len(landing):
             while waiting < len(pending):
@@ -282,10 +359,10 @@ class CacheManager:
                 finish = link.schedule(nbytes, t)
                 entry = cache.insert(key, tick, finish, pinned=True)
                 if key.precision == precision:
-                    fetched += 1
+                    tally.fetched += 1
                 else:
-                    fetched_other[key.precision] = fetched_other.get(key.precision, 0) + 1
-                fetched_bytes += nbytes
+                    tally.fetched_other[key.precision] = tally.fetched_other.get(key.precision, 0) + 1
+                tally.fetched_bytes += nbytes
                 landing.append((finish, expert, key, entry, tokens))
                 waiting += 1
             if next_ready == len(ready) and next_landing == len(landing):
@@ -325,26 +402,27 @@ class CacheManager:
             cache.release(entry)
         if queue:
             self._pump(Tick(step, pass_idx, layer, t))
+        tally.stall = stall
+        return t
 
+    def _count(self, layer: int, requests: int, tally: _Tally) -> None:
+        """Add a served layer's tally to the stats."""
         counters = self.stats.layers[layer]
-        counters.requests += len(requests)
-        counters.hits += hits
-        counters.late_prefetches += late
-        counters.misses += misses
-        counters.collision_misses += collisions
-        counters.prefetches_used += used
-        counters.drops += drops
-        counters.substitutions += substitutions
-        counters.bytes_transferred += fetched_bytes
-        counters.stall_s += stall
+        counters.requests += requests
+        counters.hits += tally.hits
+        counters.late_prefetches += tally.late
+        counters.misses += tally.misses
+        counters.collision_misses += tally.collisions
+        counters.prefetches_used += tally.used
+        counters.drops += tally.drops
+        counters.substitutions += tally.substitutions
+        counters.bytes_transferred += tally.fetched_bytes
+        counters.stall_s += tally.stall
         by_precision = self.stats.fetches_by_precision
-        if fetched:
-            by_precision[precision] += fetched
-        for other, count in fetched_other.items():
+        if tally.fetched:
+            by_precision[self.precision] += tally.fetched
+        for other, count in tally.fetched_other.items():
             by_precision[other] += count
-        self.time = t
-        if compute is None:  # measured compute: the next dense span is timed from here
-            self._wall_mark = self.wall()
 
     def _miss_context(
         self, layer: int, t: float, routing: Mapping[int, Routed] | None, probs: Mapping[int, float] | None
@@ -363,23 +441,42 @@ class CacheManager:
         )
 
     # ---- prefetch queue ------------------------------------------------------------------------
-    def prediction_layers(self, layer: int) -> tuple[int, ...]:
-        """The later MoE layers whose predicted router logits `run_layer(layer, ...)` wants (may be none)."""
+    @property
+    def wants_predictions(self) -> bool:
+        """Whether the prefetch policy reads predicted router logits (`run_layer`'s `predicted`)."""
+        return self.policies.prefetch.needs_logits
+
+    def prediction_targets(self, layer: int) -> tuple[Target, ...]:
+        """The targets the prefetch policy wants predicted from `layer`: the next MoE layers of this pass, as many
+        as its depth (none when it reads no logits). A predictor may give other targets too (later passes)."""
         if not self.policies.prefetch.needs_logits:
             return ()
         return self._ahead[layer]
 
-    def _enqueue_prefetches(
-        self, layer: int, predicted: Mapping[int, Sequence[Sequence[float]]] | None, tick: Tick
-    ) -> None:
+    def _targets(self, layer: int, predicted: Predictions) -> list[Target]:
+        """`predicted`'s targets, checked and ordered: nearest pass first, then layer order."""
+        position = self._moe_position
+        for ahead, target in predicted:
+            if not (isinstance(ahead, int) and ahead >= 0 and target in position and (ahead or target > layer)):
+                raise ValueError(
+                    f"prediction target ({ahead!r}, {target!r}) from layer {layer} is not a later MoE layer of this "
+                    f"pass or a MoE layer of a later pass; MoE layers: {list(self.moe_layers)}"
+                )
+        return sorted(predicted, key=lambda target: (target[0], position[target[1]]))
+
+    def _enqueue_prefetches(self, layer: int, predicted: Predictions | None, tick: Tick) -> None:
         prefetch = self.policies.prefetch
-        if prefetch.needs_logits and not predicted:
-            return
-        for target in self._ahead[layer]:
-            logits = predicted.get(target) if predicted else ()
-            if logits is None:
-                continue
-            for expert in prefetch.on_route(RoutePrediction(target, self.top_k, logits), tick):
+        if prefetch.needs_logits:
+            if not predicted:
+                return
+            targets = self._targets(layer, predicted)
+        else:
+            targets = list(self._ahead[layer])
+        for ahead, target in targets:
+            logits = predicted[(ahead, target)] if prefetch.needs_logits else ()  # type: ignore[index]
+            route = RoutePrediction(target, self.top_k, logits, ahead)
+            target_pass = self.pass_idx + ahead
+            for expert in prefetch.on_route(route, tick):
                 if not (isinstance(expert, int) and 0 <= expert < self.num_experts):
                     raise ValueError(
                         f"{type(prefetch).__name__} asked for expert {expert!r}; "
@@ -387,15 +484,19 @@ class CacheManager:
                     )
                 key = self._keys[target][expert]
                 if key not in self.cache and key not in self._queued:
-                    self._queue.append((key, self.pass_idx))
+                    self._queue.append((key, target_pass))
                     self._queued.add(key)
+
+    def _keep_queued(self, keep: Callable[[ExpertKey, int], bool]) -> None:
+        kept = [(key, p) for key, p in self._queue if keep(key, p)]
+        self._queue = deque(kept)
+        self._queued = {key for key, _ in kept}
 
     def _drop_queued(self, layer: int) -> None:
         """Prefetches not yet started when their layer begins are abandoned (a request becomes a miss)."""
-        if self._queue and any(key.layer <= layer for key, _ in self._queue):
-            kept = [(key, p) for key, p in self._queue if key.layer > layer]
-            self._queue = deque(kept)
-            self._queued = {key for key, _ in kept}
+        pass_idx = self.pass_idx
+        if self._queue and any(p == pass_idx and key.layer <= layer for key, p in self._queue):
+            self._keep_queued(lambda key, p: p > pass_idx or key.layer > layer)
 
     def _pump(self, tick: Tick) -> None:
         """Start queued prefetches while the link is idle at `tick` and room can be made."""

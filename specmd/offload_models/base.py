@@ -16,24 +16,25 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PretrainedConfig
 
 from specmd import __version__
-from specmd.cache.arena import SlotArena
-from specmd.cache.clock import ModelShape, RooflineCompute
+from specmd.cache.clock import ModelShape
 from specmd.cache.engine import ExpertCache
-from specmd.cache.keys import ExpertKey
-from specmd.cache.manager import CacheManager
-from specmd.cache.payload import LivePayload
-from specmd.cache.prefetcher import Watchdog
+from specmd.cache.factory import build_manager
+from specmd.cache.layout import ExpertLayout
+from specmd.cache.live.arena import SlotArena
+from specmd.cache.live.copiers import copier_for
+from specmd.cache.live.payload import LivePayload
+from specmd.cache.live.store import open_store
+from specmd.cache.live.watchdog import Watchdog
 from specmd.cache.stats import CacheStats
-from specmd.cache.store import RamStore
-from specmd.cache.transfer import copier_for
 from specmd.offload_models.checkpoint import CheckpointError, ExpertCheckpoint, ExpertKeyPatterns, checkpoint_files
 from specmd.offload_models.experts import OffloadedExperts
+from specmd.offload_models.observer import RoutingObserver
 from specmd.offload_models.options import OffloadOptions
+from specmd.offload_models.predictors import DEFAULT_PREDICTOR, make_predictor
 from specmd.offload_models.routing import SoftmaxTopK
 from specmd.offload_models.runtime import OffloadRuntime
 from specmd.quant.formats import ExpertShape, get_format, precision_of_dtype
 from specmd.quant.persist import QuantizedCopies
-from specmd.sim.trace import TraceRecorder
 
 
 def _all_layers(config: PretrainedConfig) -> list[int]:
@@ -78,6 +79,28 @@ class MoEArch:
         """The shape of one routed expert."""
         return ExpertShape(config.hidden_size, getattr(config, self.intermediate_attr))
 
+    def layout(
+        self,
+        config: PretrainedConfig,
+        precisions: tuple[str, ...],
+        full_precision: str,
+        shape: ModelShape | None = None,
+    ) -> ExpertLayout:
+        """The expert layout of a model of `config` storing its experts at `precisions` (requests use the first),
+        a cache fraction counting them at `full_precision`; `shape` prices its compute."""
+        expert = self.expert_shape(config)
+        return ExpertLayout(
+            num_layers=config.num_hidden_layers,
+            moe_layers=tuple(self.moe_layers(config)),
+            experts_per_layer=self.num_experts(config),
+            top_k=self.top_k(config),
+            precision=precisions[0],
+            expert_bytes={name: get_format(name).nbytes(expert) for name in precisions},
+            full_precision=full_precision,
+            full_expert_bytes=get_format(full_precision).nbytes(expert),
+            shape=shape,
+        )
+
 
 class OffloadMixin:
     """Turns a transformers MoE causal LM into one whose routed experts live behind specmd's cache.
@@ -118,6 +141,7 @@ class OffloadMixin:
         compute_time: str = "profile",
         expert_precisions: tuple[str, ...] | None = None,
         storage: str = "ram",
+        predictor: str | None = None,
         progress: bool = True,
         **kwargs: Any,
     ) -> Any:
@@ -143,6 +167,7 @@ class OffloadMixin:
             compute_time=compute_time,
             expert_precisions=expert_precisions,
             storage=storage,
+            predictor=predictor,
             progress=progress,
         )
         want_info = kwargs.pop("output_loading_info", False)
@@ -186,7 +211,7 @@ class OffloadMixin:
             raise ValueError(f"this {model_type} checkpoint has no MoE layers: there are no experts to offload")
 
     def _attach_cache(self, options: OffloadOptions, experts: ExpertCheckpoint) -> None:
-        config = self.config
+        config, arch = self.config, self.arch
         devices = {p.device for p in self.parameters()}
         if len(devices) != 1:
             raise ValueError(
@@ -196,84 +221,46 @@ class OffloadMixin:
         device = devices.pop()
         native = precision_of_dtype(self.dtype)
         precisions = options.expert_precisions or (native,)
-        formats = {name: get_format(name) for name in precisions}
-        primary = precisions[0]
-        num_experts = self.arch.num_experts(config)
-        shape = self.arch.expert_shape(config)
-        sizes = {name: fmt.nbytes(shape) for name, fmt in formats.items()}
-        moe_layers = self.arch.moe_layers(config)
+        shape = arch.expert_shape(config)
         # cache_frac is a fraction of every routed expert at full precision (the model's dtype), whatever
         # precisions are stored: the fast memory it stands for does not grow when experts shrink.
-        full_bytes = get_format(native).nbytes(shape)
-        capacity = options.capacity_bytes(len(moe_layers) * full_bytes * num_experts, max(sizes.values()))
-        profile = options.profile
-        compute = (
-            None
-            if options.compute_time == "measured"
-            else RooflineCompute(self._model_shape(shape), profile.peak_flops, profile.memory_bandwidth)
-        )
-        link = options.link()
-        policies = options.policy.build()
-        replay_only = [getattr(options.policy, kind).name for kind in ("prefetch", "eviction")
-                       if getattr(getattr(policies, kind), "needs_future", False)]  # fmt: skip
-        if replay_only:
-            raise ValueError(
-                f"{replay_only[0]!r} knows the future and runs only in trace replay (specmd.sim.replay); "
-                "a live model needs an online policy"
-            )
-        if not policies.routing.neutral and self.arch.router_contract is None:
+        layout = arch.layout(config, precisions, native, self._model_shape(shape))
+        manager = build_manager(layout, options, measured_compute=options.compute_time == "measured")
+        if not manager.policies.routing.neutral and arch.router_contract is None:
             raise ValueError(
                 f"routing policy {options.policy.routing.name!r} re-selects experts, which {type(self).__name__}'s "
                 "router cannot do (its choice is not a softmax top-k); use 'standard' routing"
             )
+        formats = {name: get_format(name) for name in precisions}
         copies = None
         if any(fmt.persist for fmt in formats.values()):
             copies = QuantizedCopies(
-                experts.files, model_type=config.model_type, layers=moe_layers, num_experts=num_experts, shape=shape
-            )
-        store = RamStore.build(
-            experts, list(formats.values()), shape, pin=device.type == "cuda", progress=options.progress, copies=copies
-        )
-        arena = SlotArena(capacity, sizes.values(), device)
-        watchdog = Watchdog(copier_for(device))
+                experts.files, model_type=config.model_type, layers=layout.moe_layers,
+                num_experts=layout.experts_per_layer, shape=shape,
+            )  # fmt: skip
+        store = open_store(
+            options.storage, experts, list(formats.values()), shape,
+            pin=device.type == "cuda", progress=options.progress, copies=copies,
+        )  # fmt: skip
+        arena = SlotArena(manager.cache.capacity_bytes, layout.expert_bytes.values(), device)
+        watchdog = Watchdog()
         try:
-            payload = LivePayload(store, arena, watchdog, formats, shape)
-            catalog = [ExpertKey(layer, e, primary) for layer in moe_layers for e in range(num_experts)]
-            cache = ExpertCache(capacity, policies.eviction, sizes, catalog, listener=payload)
-            manager = CacheManager(
-                cache,
-                policies,
-                link,
-                compute,
-                precision=primary,
-                moe_layers=moe_layers,
-                num_layers=len(self.model.layers),
-                num_experts=num_experts,
-                top_k=self.arch.top_k(config),
-                payload=payload,
-            )
-            routers = {layer: getattr(self.model.layers[layer].mlp, self.arch.router_attr) for layer in moe_layers}
+            manager.attach(LivePayload(store, arena, watchdog, copier_for(device), formats, shape))
+            routers = {layer: getattr(self.model.layers[layer].mlp, arch.router_attr) for layer in layout.moe_layers}
             meta = {
                 "model": config.name_or_path or None,
                 "model_type": config.model_type,
-                "num_layers": len(self.model.layers),
-                "moe_layers": moe_layers,
-                "experts_per_layer": num_experts,
-                "top_k": getattr(config, self.arch.top_k_attr),
-                "precision": primary,
-                "expert_bytes": sizes,
-                "full_precision": native,
-                "full_expert_bytes": full_bytes,
-                "shape": self._model_shape(shape).to_dict(),
+                **layout.to_header(),
+                "predictor": options.predictor or DEFAULT_PREDICTOR,
                 "specmd_version": __version__,
             }
-            runtime = OffloadRuntime(manager, watchdog, routers, meta)
-            if not policies.routing.neutral:
-                runtime.steer_routing(self.arch.router_contract, config, self.arch.top_k(config))  # type: ignore[arg-type]
+            runtime = OffloadRuntime(manager, watchdog, routers, meta, make_predictor(meta["predictor"], routers))
+            if not manager.policies.routing.neutral:
+                runtime.steer_routing(arch.router_contract, config, layout.top_k)  # type: ignore[arg-type]
         except BaseException:
             watchdog.stop()
             raise
-        for layer in moe_layers:
+        for layer in layout.moe_layers:
             self.model.layers[layer].mlp.experts.runtime = runtime
         self._specmd = runtime
         self.offload_options = options
@@ -328,16 +315,16 @@ class OffloadMixin:
         return dict(self._runtime().meta)
 
     @contextmanager
-    def recording(self, recorder: TraceRecorder) -> Iterator[TraceRecorder]:
-        """Send every forward pass's routing to `recorder` while inside (see `specmd.sim.record`)."""
-        runtime = self._runtime()
-        if runtime.recorder is not None:
-            raise RuntimeError("this model is already recording a trace")
-        runtime.recorder = recorder
+    def observe_routing(self, observer: RoutingObserver) -> Iterator[RoutingObserver]:
+        """Tell `observer` every forward pass's routing while inside (`specmd.sim.record` records a trace so)."""
+        observers = self._runtime().observers
+        if any(o is observer for o in observers):
+            raise RuntimeError("this observer already observes the model")
+        observers.append(observer)
         try:
-            yield recorder
+            yield observer
         finally:
-            runtime.recorder = None
+            observers.remove(observer)
 
     def cache_stats(self) -> CacheStats:
         """Counters since loading or the last `reset_cache_stats()`."""

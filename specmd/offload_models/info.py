@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from specmd.cache.config import CacheConfig
 from specmd.offload_models.auto import AutoOffloadForCausalLM
-from specmd.quant.formats import get_format, precision_of_dtype, registered_formats
+from specmd.quant.formats import precision_of_dtype, registered_formats
 
 CAPACITY_FRACTIONS = (0.01, 0.05, 0.25)
 
@@ -94,17 +93,15 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
     cls = AutoOffloadForCausalLM.class_for(getattr(config, "model_type", None))
     arch = cls.arch
     shape = arch.expert_shape(config)
-    moe_layers = tuple(arch.moe_layers(config))
-    count = len(moe_layers) * arch.num_experts(config)
     dtype = getattr(config, "dtype", None)
     try:
         stored = precision_of_dtype(dtype) if dtype is not None else None
     except ValueError:
         stored = None
     full = stored or precision_of_dtype(torch.get_default_dtype())
-    # A model's cache_frac counts its experts at full precision (its dtype), whatever precisions it stores.
-    full_total = count * get_format(full).nbytes(shape)
-    capacities_bytes = [(frac, CacheConfig.bytes_of_fraction(frac, full_total)) for frac in CAPACITY_FRACTIONS]
+    layout = arch.layout(config, (full,), full)
+    count = layout.routed_experts
+    capacities_bytes = [(frac, layout.bytes_of_fraction(frac)) for frac in CAPACITY_FRACTIONS]
     precisions = []
     for fmt in registered_formats():
         try:
@@ -116,10 +113,10 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
     return ModelInfo(
         model_type=config.model_type,
         offload_class=cls.__name__,
-        num_layers=config.num_hidden_layers,
-        moe_layers=moe_layers,
-        experts_per_layer=arch.num_experts(config),
-        top_k=arch.top_k(config),
+        num_layers=layout.num_layers,
+        moe_layers=layout.moe_layers,
+        experts_per_layer=layout.experts_per_layer,
+        top_k=layout.top_k,
         hidden_size=shape.hidden,
         expert_intermediate_size=shape.intermediate,
         expert_params=shape.params,

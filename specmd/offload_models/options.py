@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from specmd.cache.config import CacheConfig
+from specmd.cache.live.store import STORAGE_TIERS
+from specmd.offload_models.predictors import check_predictor
 from specmd.quant import canonical_name, get_format
 
-STORAGES = ("ram",)
 COMPUTE_TIMES = ("profile", "measured")
 
 
@@ -21,7 +22,7 @@ class OffloadOptions(CacheConfig):
         expert_precisions: precisions the store holds, each expert at every one; the first is the one
             requests use, the others are there for miss policies. None = the model's own dtype (lossless).
             Aliases resolve to the format's name (int4 -> nf4, int2 -> hqq2).
-        storage: where full expert copies live ("ram").
+        storage: the storage tier that holds every expert's copies ("ram").
         progress: show a progress bar while experts load.
     """
 
@@ -51,8 +52,10 @@ class OffloadOptions(CacheConfig):
                     raise ValueError(f"expert_precisions={given!r} names the precision {name!r} twice ({same})")
                 get_format(name).check_backend()
             object.__setattr__(self, "expert_precisions", names)
-        if self.storage not in STORAGES:
-            raise ValueError(f"storage {self.storage!r} is not available; available: {', '.join(STORAGES)}")
+        if self.storage not in STORAGE_TIERS:
+            raise ValueError(f"storage {self.storage!r} is not available; available: {', '.join(STORAGE_TIERS)}")
+        if self.predictor is not None:
+            check_predictor(self.predictor)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

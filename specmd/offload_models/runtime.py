@@ -1,28 +1,29 @@
 """What an offloaded model runs with: the pass scope around each forward, and each MoE layer's call.
 
-Shapes: B = batch, S = new positions in this pass, T = B x S, H = hidden size, K = experts per token.
+Shapes: B = batch, S = new positions in this pass, T = B x S, H = hidden size, K = experts per token,
+E = experts per layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from itertools import pairwise
+from itertools import accumulate, pairwise
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from specmd.cache.clock import PassInfo
 from specmd.cache.keys import Tick
+from specmd.cache.live.watchdog import Watchdog
 from specmd.cache.manager import CacheManager
 from specmd.cache.policies.base import Routed
-from specmd.cache.prefetcher import Watchdog
 from specmd.offload_models.experts import ExpertJob, OffloadedExperts
+from specmd.offload_models.observer import RoutingObserver
+from specmd.offload_models.predictors import NextLayerRouter, PredictedLogits, RoutePredictor, router_logits
 from specmd.offload_models.routing import SoftmaxTopK, logit_margin
-from specmd.sim.trace import TraceRecorder
 
 
 def real_tokens(
@@ -39,12 +40,6 @@ def real_tokens(
     return pasts, news, None if all(n == new for n in news) else current.reshape(-1)
 
 
-def router_logits(router: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """A router's logits over its experts for [T, H] inputs, computed outside the router so that
-    transformers' router-output recording never sees the call."""
-    return F.linear(hidden_states, router.weight, getattr(router, "bias", None))  # [T, E]
-
-
 def summarize_routing(
     routed: torch.Tensor, weights: torch.Tensor, num_experts: int, requests: Mapping[int, int]
 ) -> dict[int, Routed]:
@@ -59,32 +54,40 @@ def summarize_routing(
 
 
 class OffloadRuntime:
-    """Drives one model's `CacheManager` from inside its forward passes (and feeds a trace recorder)."""
+    """Drives one model's `CacheManager` from inside its forward passes (and tells routing observers)."""
 
     def __init__(
-        self, manager: CacheManager, watchdog: Watchdog, routers: Mapping[int, nn.Module], meta: Mapping[str, Any]
+        self,
+        manager: CacheManager,
+        watchdog: Watchdog,
+        routers: Mapping[int, nn.Module],
+        meta: Mapping[str, Any],
+        predictor: RoutePredictor,
     ) -> None:
         self.manager = manager
         self.watchdog = watchdog
         self.meta = dict(meta)
-        self.recorder: TraceRecorder | None = None
+        self.predictor = predictor
+        self.observers: list[RoutingObserver] = []
         self._routers = dict(routers)
-        # Prefetch predicts a later MoE layer's routing with that layer's router on this layer's input.
-        self._next_layer = dict(pairwise(sorted(routers)))
-        self._next_router = {layer: routers[nxt] for layer, nxt in self._next_layer.items()}
+        self._following = dict(pairwise(sorted(routers)))  # MoE layer -> the next MoE layer
+        self._next_layer = predictor if isinstance(predictor, NextLayerRouter) else NextLayerRouter(routers)
         self._token_mask: torch.Tensor | None = None
+        self._last_tokens: list[int] = []
         self._hooks: list[Any] = []
 
     @contextmanager
     def forward_pass(self, batch: int, new: int, attention_mask: torch.Tensor | None, past: int) -> Iterator[None]:
-        """Scope one model forward as one pass; a pass that raises releases its pins and records nothing."""
+        """Scope one model forward as one pass; a pass that raises releases its pins and tells no observer it ended."""
         pasts, news, token_mask = real_tokens(batch, new, attention_mask, past)
         info = PassInfo.for_sequences(pasts, news)
         self.manager.begin_pass(info)
         self._token_mask = token_mask
-        if self.recorder is not None:
+        self._last_tokens = [end - 1 for end, n in zip(accumulate(news), news, strict=True) if n]
+        if self.observers:
             rows = [(row, pasts[row] + j) for row in range(batch) for j in range(news[row])]
-            self.recorder.begin_pass(rows, batch, info.prefill)
+            for observer in self.observers:
+                observer.begin_pass(rows, batch, info.prefill)
         try:
             yield
         except BaseException:
@@ -92,8 +95,8 @@ class OffloadRuntime:
             raise
         else:
             self.manager.end_pass()
-            if self.recorder is not None:
-                self.recorder.end_pass()
+            for observer in self.observers:
+                observer.end_pass()
         finally:
             self._token_mask = None
 
@@ -105,7 +108,7 @@ class OffloadRuntime:
         top_k_weights: torch.Tensor,  # [T, K]
     ) -> torch.Tensor:
         """One MoE layer's experts through the cache; returns [T, H]."""
-        manager, recorder, layer = self.manager, self.recorder, module.layer_idx
+        manager, layer = self.manager, module.layer_idx
         mask = self._token_mask
         routed = top_k_index if mask is None else top_k_index[mask]  # [T_real, K]: pad tokens request nothing
         weights = top_k_weights if mask is None else top_k_weights[mask]  # [T_real, K]
@@ -113,26 +116,52 @@ class OffloadRuntime:
         counts = torch.bincount(routed.reshape(-1), minlength=module.num_experts).tolist()  # [E]
         requests = {expert: n for expert, n in enumerate(counts) if n}
 
-        ahead = list(manager.prediction_layers(layer))
-        following = self._next_router.get(layer)
-        if recorder is not None and following is not None and not ahead:
-            ahead = [self._next_layer[layer]]
-        predicted = {target: router_logits(self._routers[target], real).tolist() for target in ahead}  # [T_real, E]
-        own = None
-        if recorder is not None or manager.wants_probs:
-            own = router_logits(self._routers[layer], real)  # [T_real, E]
-        if recorder is not None:
-            nxt = predicted.get(self._next_layer.get(layer, -1))
-            recorder.layer(layer, routed.tolist(), weights.tolist(), own.tolist(), nxt)  # type: ignore[union-attr]
+        observing, default = bool(self.observers), self.predictor is self._next_layer
+        found = None
+        if manager.wants_predictions or (observing and not default):
+            found = self.predictor.predict(layer, real, self._last_tokens, manager.prediction_targets(layer))
+        predicted = None
+        if manager.wants_predictions:
+            predicted = {target: logits.tolist() for target, (_, logits) in found.items()}  # type: ignore[union-attr]
+        own = router_logits(self._routers[layer], real) if observing or manager.wants_probs else None  # [T_real, E]
+        if observing:
+            self._observe(layer, real, routed, weights, own, found)  # type: ignore[arg-type]
         routing = summarize_routing(routed, weights, module.num_experts, requests) if manager.wants_routing else None
         probs = None
         if manager.wants_probs:
             probs = dict(enumerate(torch.softmax(own.float(), dim=-1).mean(dim=0).tolist()))  # type: ignore[union-attr]
 
         job = ExpertJob(hidden_states, top_k_index, top_k_weights, module.act_fn)
-        wanted = predicted if manager.prediction_layers(layer) else None
-        manager.run_layer(layer, requests, wanted, job, routing, probs)
+        manager.run_layer(layer, requests, predicted, job, routing, probs)
         return job.result()
+
+    def _observe(
+        self,
+        layer: int,
+        real: torch.Tensor,  # [T_real, H]
+        routed: torch.Tensor,  # [T_real, K]
+        weights: torch.Tensor,  # [T_real, K]
+        own: torch.Tensor,  # [T_real, E]
+        found: Mapping[tuple[int, int], PredictedLogits] | None,
+    ) -> None:
+        """Tell every observer this layer's routing, the next MoE layer's router on its input, and what a
+        predictor other than that one predicted."""
+        default = self.predictor is self._next_layer
+        following = self._following.get(layer)
+        next_logits = None
+        if following is not None:
+            target = (0, following)
+            if not (default and found and target in found):
+                found_next = self._next_layer.predict(layer, real, self._last_tokens, [target])
+                next_logits = found_next[target][1].tolist()  # [T_real, E]
+            else:
+                next_logits = found[target][1].tolist()
+        extra = None
+        if not default and found is not None:
+            extra = {target: (list(tokens), logits.tolist()) for target, (tokens, logits) in found.items()}
+        experts, chosen, logits = routed.tolist(), weights.tolist(), own.tolist()
+        for observer in self.observers:
+            observer.layer(layer, experts, chosen, logits, next_logits, extra)
 
     def steer_routing(self, contract: SoftmaxTopK, config: PretrainedConfig, top_k: int) -> None:
         """Let the routing policy re-select each MoE layer's experts (a forward hook on every router)."""

@@ -1,24 +1,17 @@
 """Expert weight formats: how one expert's weights are packed into bytes and computed from them.
 
-Importing this package registers every format: the dense ones (bf16, fp16, fp32), bitsandbytes'
-int8, nf4 (alias int4) and fp4, and HQQ's hqq8, hqq4, hqq3 and hqq2 (alias int2). The quantization
-libraries themselves are imported only when a format that needs them is used.
+The formats are the dense ones (bf16, fp16, fp32), bitsandbytes' int8, nf4 (alias int4) and fp4, and
+HQQ's hqq8, hqq4, hqq3 and hqq2 (alias int2). Their names live in `specmd.quant.names`, which imports
+no torch; the formats (and torch) load on first use of anything else here, and the quantization
+libraries themselves only when a format that needs them is used.
 """
 
-from specmd.quant import bnb_formats, hqq_formats
-from specmd.quant.formats import (
-    ExpertFormat,
-    ExpertShape,
-    MissingBackendError,
-    canonical_name,
-    get_format,
-    precision_of_dtype,
-    registered_formats,
-)
+from __future__ import annotations
 
-del bnb_formats, hqq_formats  # imported for their registrations
+from importlib import import_module
+from typing import Any
 
-__all__ = [
+_FROM_FORMATS = (
     "ExpertFormat",
     "ExpertShape",
     "MissingBackendError",
@@ -26,4 +19,12 @@ __all__ = [
     "get_format",
     "precision_of_dtype",
     "registered_formats",
-]
+)
+
+__all__ = list(_FROM_FORMATS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_FORMATS:
+        return getattr(import_module("specmd.quant.formats"), name)
+    raise AttributeError(f"module 'specmd.quant' has no attribute {name!r}")

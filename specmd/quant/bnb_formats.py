@@ -138,5 +138,5 @@ class FourBitFormat(_BnbFormat):
 
 
 register_format(Int8Format())
-register_format(FourBitFormat("nf4", "nf4"), aliases=("int4",))
+register_format(FourBitFormat("nf4", "nf4"))
 register_format(FourBitFormat("fp4", "fp4"))

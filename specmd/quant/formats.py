@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from specmd.quant import names
 
 Weights = tuple[Any, ...]
 """What `unpack` returns and `forward` takes: views into the packed buffer and small metadata."""
@@ -274,18 +276,15 @@ class MatrixFormat(ExpertFormat):
 
 # ---- the registry ------------------------------------------------------------------------------
 _FORMATS: dict[str, ExpertFormat] = {}
-_ALIASES: dict[str, str] = {}
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def register_format(fmt: ExpertFormat, aliases: Sequence[str] = ()) -> ExpertFormat:
-    """Make `fmt` available under `fmt.name` and each of `aliases`."""
-    for name in (fmt.name, *aliases):
-        if name in _FORMATS or name in _ALIASES:
-            raise ValueError(f"precision {name!r} is already registered")
+def register_format(fmt: ExpertFormat, aliases: tuple[str, ...] = ()) -> ExpertFormat:
+    """Make `fmt` available under `fmt.name` (and `aliases`, declared in `specmd.quant.names`)."""
+    if fmt.name in _FORMATS:
+        raise ValueError(f"precision {fmt.name!r} is already registered")
+    names.declare(fmt.name, aliases)
     _FORMATS[fmt.name] = fmt
-    for alias in aliases:
-        _ALIASES[alias] = fmt.name
     return fmt
 
 
@@ -293,23 +292,19 @@ for _dtype, _name in _DTYPE_NAMES.items():
     register_format(DenseFormat(_name, _dtype))
 
 
-def available_names() -> str:
-    """Every precision name, aliases in brackets after the name they stand for."""
-    names = []
-    for name in _FORMATS:
-        aliases = [alias for alias, target in _ALIASES.items() if target == name]
-        names.append(f"{name} ({', '.join(aliases)})" if aliases else name)
-    return ", ".join(names)
+def _builtin_formats() -> dict[str, ExpertFormat]:
+    """The registry, with the formats of the optional libraries registered (their modules import lazily)."""
+    from specmd.quant import bnb_formats, hqq_formats  # noqa: F401  (registers them)
+
+    return _FORMATS
 
 
 def canonical_name(name: str) -> str:
     """The registered name `name` stands for (an alias resolves to its format's name)."""
-    if isinstance(name, str):
-        if name in _FORMATS:
-            return name
-        if name in _ALIASES:
-            return _ALIASES[name]
-    raise ValueError(f"unknown precision {name!r}; available: {available_names()}")
+    canonical = names.canonical_precision(name)
+    if canonical not in _builtin_formats():
+        raise ValueError(f"precision {name!r} has no registered format; available: {names.available_names()}")
+    return canonical
 
 
 def get_format(name: str) -> ExpertFormat:
@@ -319,7 +314,7 @@ def get_format(name: str) -> ExpertFormat:
 
 def registered_formats() -> list[ExpertFormat]:
     """Every registered format, in registration order."""
-    return list(_FORMATS.values())
+    return list(_builtin_formats().values())
 
 
 def precision_of_dtype(dtype: torch.dtype) -> str:

@@ -119,4 +119,4 @@ class HqqFormat(MatrixFormat):
 
 
 for _bits in (8, 4, 3, 2):
-    register_format(HqqFormat(_bits), aliases=("int2",) if _bits == 2 else ())
+    register_format(HqqFormat(_bits))

@@ -3,7 +3,8 @@
 Replay imports no torch; recording needs the model (and so torch) only because the model runs.
 """
 
+from specmd.sim.record import TraceRecorder, record
 from specmd.sim.replay import replay
-from specmd.sim.trace import Trace, TraceError, TraceEvent, load_trace, record
+from specmd.sim.trace import Trace, TraceError, TraceEvent, load_trace
 
-__all__ = ["Trace", "TraceError", "TraceEvent", "load_trace", "record", "replay"]
+__all__ = ["Trace", "TraceError", "TraceEvent", "TraceRecorder", "load_trace", "record", "replay"]

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from specmd import __version__
 from specmd.cache import config as cache_config
+from specmd.cache.hardware import DEFAULT_HARDWARE
 from specmd.cache.policies.spec import PolicySpec
 from specmd.cache.stats import CacheStats
-from specmd.sim.hardware import DEFAULT_HARDWARE
 from specmd.sim.replay import run_trace
 from specmd.sim.trace import Trace, load_trace
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from specmd.cache.clock import PassInfo
 from specmd.cache.engine import ExpertCache
 from specmd.cache.keys import ExpertKey
+from specmd.cache.layout import ExpertLayout
+from specmd.cache.link import EmulatedLink
 from specmd.cache.manager import CacheManager
 from specmd.cache.policies.spec import PolicySpec
-from specmd.cache.transfer import EmulatedLink
 
 PRECISION = "fp32"
 
@@ -66,23 +67,23 @@ def make_manager(
     """A manager over `layers` with 1 us per 1000-byte transfer at the default bandwidth."""
     spec = PolicySpec.parse(policy)
     policies = spec.build()
+    layout = ExpertLayout(
+        num_layers=max(layers) + 1,
+        moe_layers=tuple(layers),
+        experts_per_layer=num_experts,
+        top_k=top_k,
+        precision=PRECISION,
+        expert_bytes={PRECISION: expert_bytes},
+        full_precision=PRECISION,
+        full_expert_bytes=expert_bytes,
+    )
+    policies.eviction.bind_layout(layout)
     listener = CheckedListener()
-    catalog = [ExpertKey(layer, e, PRECISION) for layer in layers for e in range(num_experts)]
     cache = ExpertCache(
-        int(capacity_experts * expert_bytes), policies.eviction, {PRECISION: expert_bytes}, catalog, listener
+        int(capacity_experts * expert_bytes), policies.eviction, layout.expert_bytes, layout.catalog(), listener
     )
     listener.cache = cache
-    return CacheManager(
-        cache,
-        policies,
-        EmulatedLink(bandwidth_gbps),
-        compute or FixedCompute(),
-        precision=PRECISION,
-        moe_layers=layers,
-        num_layers=max(layers) + 1,
-        num_experts=num_experts,
-        top_k=top_k,
-    )
+    return CacheManager(cache, policies, EmulatedLink(bandwidth_gbps), compute or FixedCompute(), layout)
 
 
 PREFILL = PassInfo(sequences=1, tokens=1, attended=1, context=1, prefill=True)
@@ -94,6 +95,6 @@ def run_pass(manager: CacheManager, layers: dict[int, dict[int, int]], predicted
     manager.begin_pass(info)
     for layer, requests in layers.items():
         rows = None if predicted is None else predicted.get(layer)  # the next MoE layer's predicted logits
-        ahead = manager.prediction_layers(layer)
+        ahead = manager.prediction_targets(layer)
         manager.run_layer(layer, requests, {ahead[0]: rows} if rows is not None and ahead else None)
     manager.end_pass()

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specmd.cache.arena import ALIGN, SlotArena, buffer_bytes
+from specmd.cache.live.arena import ALIGN, SlotArena, buffer_bytes
 
 
 class Resident:
@@ -114,7 +114,7 @@ def test_buffer_bound() -> None:
 
 def test_a_large_move_through_the_scratch() -> None:
     """Overlapping moves of blocks larger than the scratch copy correctly."""
-    from specmd.cache import arena as arena_module
+    from specmd.cache.live import arena as arena_module
 
     size = 3 * arena_module.SCRATCH_BYTES // 2 + 7
     arena = SlotArena(2 * size + 64, [size, 64], torch.device("cpu"))

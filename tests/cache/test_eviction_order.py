@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from specmd.cache.engine import ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
+from specmd.cache.layout import ExpertLayout
 from specmd.cache.policies.eviction import LFU, LHU, LRU, FarthestLayer, LeastStale, ScoreBased
 
 
@@ -104,7 +105,13 @@ def test_lfu_remembers_an_experts_popularity_across_evictions() -> None:
 
 
 def test_lhu_counts_only_full_precision_uses() -> None:
-    cache = ExpertCache(8, LHU(), {"fp32": 1, "nf4": 1})
+    policy = LHU()
+    sizes = {"fp32": 4, "nf4": 1}  # the largest stored copy is the high-precision one
+    policy.bind_layout(
+        ExpertLayout(num_layers=1, moe_layers=(0,), experts_per_layer=2, top_k=1, precision="fp32",
+                     expert_bytes=sizes, full_precision="fp32", full_expert_bytes=4)
+    )  # fmt: skip
+    cache = ExpertCache(8, policy, sizes)
     high, low = ExpertKey(0, 0, "fp32"), ExpertKey(0, 1, "nf4")
     cache.insert(high, tick(1, 0), ready_at=0.0)
     cache.insert(low, tick(1, 0), ready_at=0.0)

@@ -50,7 +50,7 @@ def run(manager, stream, predictions):  # type: ignore[no-untyped-def]
     for index, layers in enumerate(stream):
         manager.begin_pass(PassInfo(sequences=1, tokens=1, attended=index + 1, context=index + 1, prefill=index == 0))
         for layer, requests in layers.items():
-            ahead = manager.prediction_layers(layer)
+            ahead = manager.prediction_targets(layer)
             routing = {e: Routed(n, 0.1 * n, rank) for rank, (e, n) in enumerate(sorted(requests.items()))}
             probs = {e: (e + 1) / (EXPERTS * (EXPERTS + 1) / 2) for e in range(EXPERTS)}
             manager.run_layer(layer, requests, {target: predictions for target in ahead} or None, None, routing, probs)

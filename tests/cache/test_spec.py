@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from specmd.cache.layout import ExpertLayout
 from specmd.cache.policies import DEFAULT_POLICY, PolicySpec
 from specmd.cache.policies.eviction import LRU
 from specmd.cache.policies.prefetch import TopK
@@ -59,10 +60,14 @@ def test_offload_options_round_trip_and_validate() -> None:
 
 
 def test_capacity_from_a_fraction_or_bytes() -> None:
-    assert OffloadOptions(cache_frac=0.25).capacity_bytes(total_bytes=1000, expert_bytes=100) == 250
-    assert OffloadOptions(cache_bytes=5000).capacity_bytes(total_bytes=1000, expert_bytes=100) == 1000  # at most all
+    layout = ExpertLayout(  # ten experts of 100 bytes: 1000 bytes in all
+        num_layers=1, moe_layers=(0,), experts_per_layer=10, top_k=1,
+        precision="fp32", expert_bytes={"fp32": 100}, full_precision="fp32", full_expert_bytes=100,
+    )  # fmt: skip
+    assert OffloadOptions(cache_frac=0.25).capacity_bytes(layout) == 250
+    assert OffloadOptions(cache_bytes=5000).capacity_bytes(layout) == 1000  # at most all
     with pytest.raises(ValueError, match=r"use cache_frac >= 0\.1 or cache_bytes >= 100"):
-        OffloadOptions(cache_frac=0.05).capacity_bytes(total_bytes=1000, expert_bytes=100)
+        OffloadOptions(cache_frac=0.05).capacity_bytes(layout)
 
 
 def test_parameters_in_text_may_be_tuples() -> None:

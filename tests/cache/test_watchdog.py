@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+from functools import partial
 
 import pytest
 import torch
 
-from specmd.cache.prefetcher import Watchdog
-from specmd.cache.transfer import DONE, CpuCopier
+from specmd.cache.live.copiers import DONE, CpuCopier
+from specmd.cache.live.watchdog import Watchdog
 
 
 class GatedCopier(CpuCopier):
@@ -29,12 +30,12 @@ class GatedCopier(CpuCopier):
 
 def test_the_main_thread_does_a_copy_the_watchdog_has_not_reached() -> None:
     copier = GatedCopier()
-    watchdog = Watchdog(copier)
+    watchdog = Watchdog()
     try:
-        first = watchdog.submit(torch.zeros(4), torch.ones(4))
+        first = watchdog.submit(partial(copier.copy, torch.zeros(4), torch.ones(4)))
         copier.started.wait(5)  # the watchdog is stuck inside the first copy
         dst = torch.zeros(4)
-        second = watchdog.submit(dst, torch.full((4,), 2.0))
+        second = watchdog.submit(partial(copier.copy, dst, torch.full((4,), 2.0)))
         second.wait()  # returns without the watchdog: the main thread copied
         assert torch.equal(dst, torch.full((4,), 2.0))
         assert copier.threads == ["specmd-watchdog", threading.current_thread().name]
@@ -47,12 +48,12 @@ def test_the_main_thread_does_a_copy_the_watchdog_has_not_reached() -> None:
 
 def test_retiring_a_pending_copy_cancels_it() -> None:
     copier = GatedCopier()
-    watchdog = Watchdog(copier)
+    watchdog = Watchdog()
     try:
-        watchdog.submit(torch.zeros(4), torch.ones(4))
+        watchdog.submit(partial(copier.copy, torch.zeros(4), torch.ones(4)))
         copier.started.wait(5)
         dst = torch.zeros(4)
-        watchdog.submit(dst, torch.ones(4)).retire()
+        watchdog.submit(partial(copier.copy, dst, torch.ones(4))).retire()
         copier.release.set()
         watchdog.stop()
         assert torch.equal(dst, torch.zeros(4))  # never written: its slot may belong to another expert now
@@ -63,9 +64,9 @@ def test_retiring_a_pending_copy_cancels_it() -> None:
 
 
 def test_copy_errors_reach_the_waiter_and_the_check() -> None:
-    watchdog = Watchdog(CpuCopier())
+    watchdog = Watchdog()
     try:
-        ticket = watchdog.submit(torch.zeros(4), torch.empty(4, device="meta"))
+        ticket = watchdog.submit(partial(CpuCopier().copy, torch.zeros(4), torch.empty(4, device="meta")))
         with pytest.raises(RuntimeError, match="watchdog"):
             ticket.wait()
         with pytest.raises(RuntimeError, match="watchdog"):
@@ -75,7 +76,7 @@ def test_copy_errors_reach_the_waiter_and_the_check() -> None:
 
 
 def test_a_stopped_watchdog_takes_no_more_copies() -> None:
-    watchdog = Watchdog(CpuCopier())
+    watchdog = Watchdog()
     watchdog.stop()
     with pytest.raises(RuntimeError, match="stopped"):
-        watchdog.submit(torch.zeros(1), torch.zeros(1))
+        watchdog.submit(partial(CpuCopier().copy, torch.zeros(1), torch.zeros(1)))

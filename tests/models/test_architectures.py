@@ -320,7 +320,7 @@ def test_traces_record_and_replay_exactly(built: Built, tmp_path: Path, policy: 
         record(model, PROMPT, tmp_path / "t.jsonl", max_new_tokens=5, do_sample=False)
         live = model.cache_stats().to_dict()
     trace = load_trace(tmp_path / "t.jsonl")
-    assert trace.moe_layers == tuple(built.arch.moe_layers)
+    assert trace.layout.moe_layers == tuple(built.arch.moe_layers)
     assert {len(e.experts) for e in trace.events} == {built.arch.top_k}
     replayed = replay(trace, policy=policy, cache_frac=0.25, bandwidth_gbps=5.0).to_dict()
     wall = ("wall_ttft_s", "wall_tokens_per_s")

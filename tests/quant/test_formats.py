@@ -17,9 +17,9 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+from specmd.eval_tasks.quality import relative_error
 from specmd.quant import MissingBackendError, canonical_name, get_format, registered_formats
 from specmd.quant.formats import ExpertShape
-from specmd.quant.quality import relative_error
 
 ROOT = Path(__file__).resolve().parents[2]
 QUANTIZED = ["int8", "nf4", "fp4", "hqq8", "hqq4", "hqq3", "hqq2"]

@@ -17,19 +17,19 @@ from safetensors.torch import load_file, save_file
 from transformers import OlmoeForCausalLM
 
 from specmd import OffloadOLMoE
-from specmd.cache.arena import SlotArena
 from specmd.cache.engine import ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
-from specmd.cache.payload import LivePayload
+from specmd.cache.live.arena import SlotArena
+from specmd.cache.live.copiers import CpuCopier
+from specmd.cache.live.payload import LivePayload
+from specmd.cache.live.store import RamStore
+from specmd.cache.live.watchdog import Watchdog
 from specmd.cache.policies.spec import PolicySpec
-from specmd.cache.prefetcher import Watchdog
-from specmd.cache.store import RamStore
-from specmd.cache.transfer import CpuCopier
+from specmd.eval_tasks.quality import expert_errors, logits_agreement, perplexity, precision_quality
 from specmd.offload_models.checkpoint import MLP_EXPERT_KEYS, ExpertCheckpoint, checkpoint_files
 from specmd.offload_models.info import load_config, model_info
 from specmd.quant import get_format
 from specmd.quant.formats import ExpertShape, MatrixFormat
-from specmd.quant.quality import expert_errors, logits_agreement, perplexity, precision_quality
 from specmd.sim import record, replay
 from tests.conftest import EXPERT_BYTES, TOTAL_EXPERT_BYTES
 from tests.quant.conftest import TRAINED, Trained, cache_dir_at
@@ -155,9 +155,9 @@ def test_mixed_precisions_through_engine_payload_and_arena(checkpoint: Path) -> 
     sizes = {p: fmt.nbytes(TINY_SHAPE) for p, fmt in formats.items()}
     capacity = 3 * sizes["fp32"] + 100
     arena = SlotArena(capacity, sizes.values(), torch.device("cpu"))
-    watchdog = Watchdog(CpuCopier())
+    watchdog = Watchdog()
     try:
-        payload = LivePayload(store, arena, watchdog, formats, TINY_SHAPE)
+        payload = LivePayload(store, arena, watchdog, CpuCopier(), formats, TINY_SHAPE)
         cache = ExpertCache(
             capacity, PolicySpec.parse("none/lru/fetch/standard").build().eviction, sizes, listener=payload
         )

@@ -14,6 +14,7 @@ from typing import NamedTuple, Protocol
 from mypy_extensions import mypyc_attr
 
 from specmd.cache.keys import ExpertKey, Tick
+from specmd.cache.layout import ExpertLayout
 
 
 class Clairvoyant(Protocol):
@@ -65,6 +66,9 @@ class EvictionPolicy(ABC):
     def observe(self, layer: int, routing: Mapping[int, Routed], now: Tick) -> None:  # noqa: B027 - optional hook
         """How `layer`'s requests of this pass were routed (only called when `needs_routing`)."""
 
+    def bind_layout(self, layout: ExpertLayout) -> None:  # noqa: B027 - optional hook
+        """The model's expert layout (layers, experts, stored precisions), given once before the first request."""
+
     @abstractmethod
     def on_access(self, key: ExpertKey, now: Tick) -> None:
         """`key`, already resident, was requested."""
@@ -79,21 +83,26 @@ class EvictionPolicy(ABC):
 
 
 class RoutePrediction:
-    """A layer's routing as predicted one or more layers ahead.
+    """A layer's routing as predicted ahead of time.
 
-    ``logits[t][e]`` is the predicted router logit of expert ``e`` of ``layer`` for real token ``t``;
-    ``top_k`` is how many experts the model routes each token to.
+    ``logits[t][e]`` is the predicted router logit of expert ``e`` of ``layer`` for predicting token ``t``;
+    ``top_k`` is how many experts the model routes each token to; ``passes_ahead`` says which pass the
+    prediction is for (0: the ongoing one, 1: the next token's, ...).
     """
 
-    __slots__ = ("layer", "logits", "top_k")
+    __slots__ = ("layer", "logits", "passes_ahead", "top_k")
 
-    def __init__(self, layer: int, top_k: int, logits: Sequence[Sequence[float]]) -> None:
+    def __init__(self, layer: int, top_k: int, logits: Sequence[Sequence[float]], passes_ahead: int = 0) -> None:
         self.layer = layer
         self.top_k = top_k
         self.logits = logits
+        self.passes_ahead = passes_ahead
 
     def __repr__(self) -> str:
-        return f"RoutePrediction(layer={self.layer}, top_k={self.top_k}, tokens={len(self.logits)})"
+        return (
+            f"RoutePrediction(layer={self.layer}, top_k={self.top_k}, tokens={len(self.logits)}, "
+            f"passes_ahead={self.passes_ahead})"
+        )
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -191,6 +200,8 @@ class MissPolicy(ABC):
     """Whether the policy reads `MissContext.routing` weights and ranks (live runs then compute them)."""
     needs_probs: bool = False
     """Whether the policy reads `MissContext.probs` (live runs then compute them)."""
+    precision_params: tuple[str, ...] = ()
+    """Constructor parameters that name precisions: a policy spec resolves their aliases (int4 -> nf4)."""
 
     @abstractmethod
     def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:

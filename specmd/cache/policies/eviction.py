@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from mypy_extensions import mypyc_attr
 
 from specmd.cache.keys import ExpertKey, Tick
+from specmd.cache.layout import ExpertLayout
 from specmd.cache.policies.base import Candidates, EvictionPolicy, Future, Routed
 from specmd.cache.policies.spec import register_eviction
 
@@ -225,25 +226,31 @@ class LFU(_LowestFirst):
         self._set(key, self._uses[key])
 
 
-HIGH_PRECISIONS = frozenset({"bf16", "fp16", "fp32"})
-
-
 @mypyc_attr(allow_interpreted_subclasses=True)
 class LHU(_LowestFirst):
     """Least high-precision used (HOBBIT-style): evicts the expert used least often at high precision.
 
-    For precision cascades: an expert's count grows only when a full-precision copy (bf16, fp16 or
-    fp32, the checkpoint's floating dtypes) is requested or loaded, and every copy of the expert is
-    ranked by that count, so experts the cascade keeps demoting leave first. Ties: least recent.
+    For precision cascades: an expert's count grows only when its highest-precision copy (the largest
+    the store holds) is requested or loaded, and every copy of the expert is ranked by that count, so
+    experts the cascade keeps demoting leave first. Ties: least recent.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._high_uses: dict[tuple[int, int], int] = {}
+        self._high: frozenset[str] | None = None  # the stored precisions of the largest copies
+
+    def bind_layout(self, layout: ExpertLayout) -> None:
+        largest = max(layout.expert_bytes.values())
+        self._high = frozenset(p for p, nbytes in layout.expert_bytes.items() if nbytes == largest)
 
     def on_access(self, key: ExpertKey, now: Tick) -> None:
+        if self._high is None:
+            raise RuntimeError(
+                "lhu eviction needs the expert layout (bind_layout); build caches with specmd.cache.factory"
+            )
         expert = (key.layer, key.expert)
-        if key.precision in HIGH_PRECISIONS:
+        if key.precision in self._high:
             self._high_uses[expert] = self._high_uses.get(expert, 0) + 1
         self._set(key, self._high_uses.get(expert, 0))
 

@@ -8,8 +8,6 @@ from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.policies.base import Drop, Fetch, MissAction, MissContext, MissPolicy, Substitute
 from specmd.cache.policies.spec import register_miss
 
-PRECISION_ALIASES = {"int4": "nf4", "int2": "hqq2"}
-
 
 def _resident_copy(key: ExpertKey, context: MissContext) -> str | None:
     """The largest resident precision of `key`'s expert, if any copy is ready."""
@@ -53,11 +51,11 @@ class FetchPriority(MissPolicy):
 
     needs_routing = True
 
-    def __init__(self, percentile: float = 60.0, fallback: tuple[str, ...] = ("int8", "int4", "int2")) -> None:
+    def __init__(self, percentile: float = 60.0, fallback: tuple[str, ...] = ("int8", "nf4", "hqq2")) -> None:
         if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 <= percentile <= 100:
             raise ValueError(f"fetch-priority percentile must be a number in [0, 100], got {percentile!r}")
         self.percentile = float(percentile)
-        self.fallback = tuple(PRECISION_ALIASES.get(p, p) for p in fallback)
+        self.fallback = tuple(fallback)
 
     def _threshold(self, context: MissContext) -> float:
         weights = sorted(r.weight for r in context.routing.values())

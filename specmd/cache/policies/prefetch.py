@@ -47,7 +47,7 @@ class TopK(PrefetchPolicy):
 
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Oracle(PrefetchPolicy):
-    """Oracle (replay only): prefetches exactly the experts the next MoE layer will request, most tokens first.
+    """Oracle (replay only): prefetches exactly the experts the target layer will request, most tokens first.
 
     Perfect next-layer knowledge: the bound for any predictor of the next layer's routing.
     """
@@ -64,7 +64,7 @@ class Oracle(PrefetchPolicy):
     def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
         if self._requests is None:
             raise RuntimeError("oracle prefetch needs the future: it runs only in trace replay")
-        wanted = self._requests.get((now.pass_idx, route.layer), {})
+        wanted = self._requests.get((now.pass_idx + route.passes_ahead, route.layer), {})
         return sorted(wanted, key=lambda e: (-wanted[e], e))
 
 

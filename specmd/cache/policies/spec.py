@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from specmd.cache.policies.base import EvictionPolicy, MissPolicy, PrefetchPolicy, RoutingPolicy
+from specmd.quant.names import canonical_precision
 
 KINDS = ("prefetch", "eviction", "miss", "routing")
 _BASES: dict[str, type] = {
@@ -143,8 +144,23 @@ def canonical_name(kind: str, name: str) -> str:
     raise ValueError(f"unknown {kind} policy {name!r}; valid {kind} policies: {', '.join(names(kind))}")
 
 
+def _precisions(value: Any, where: str) -> tuple[str, ...]:
+    """A precision parameter's names with aliases resolved (one name stands for a list of one)."""
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not names:
+        raise ValueError(f"{where} must be a precision name or a list of them, got {value!r}")
+    try:
+        return tuple(canonical_precision(name) for name in names)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
 def create(kind: str, name: str, params: Mapping[str, Any] | None = None) -> Any:
-    """A new policy object of `kind` registered as `name`, built with `params`."""
+    """A new policy object of `kind` registered as `name`, built with `params`.
+
+    Parameters a policy class lists in `precision_params` name precisions: their aliases (int4, int2) are
+    resolved here, so policies compare names as the store holds them.
+    """
     cls = _REGISTRY[kind][canonical_name(kind, name)]
     params = dict(params or {})
     allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
@@ -154,6 +170,9 @@ def create(kind: str, name: str, params: Mapping[str, Any] | None = None) -> Any
             f"{kind} policy {name!r} has no parameter {unknown[0]!r}; "
             f"its parameters: {', '.join(allowed) if allowed else 'none'}"
         )
+    for param in getattr(cls, "precision_params", ()):
+        if param in params:
+            params[param] = _precisions(params[param], f"{kind} policy {name!r} parameter {param!r}")
     return cls(**params)
 
 

@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 
-import torch
+from specmd.cache.live.copiers import Completion
 
-from specmd.cache.transfer import Completion, CpuCopier, CudaCopier
+Transfer = Callable[[], Completion]
+"""One expert's transfer: reads it from its storage tier into its slot and returns the issued copy."""
 
 _PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
 
 
 class Ticket:
-    """One issued copy, claimed by whichever thread gets to it first."""
+    """One issued transfer, claimed by whichever thread gets to it first."""
 
-    __slots__ = ("_completion", "_copier", "_done", "_dst", "_error", "_failures", "_lock", "_src", "_state")
+    __slots__ = ("_completion", "_done", "_error", "_failures", "_lock", "_state", "_transfer")
 
-    def __init__(
-        self, copier: CpuCopier | CudaCopier, dst: torch.Tensor, src: torch.Tensor, failures: list[BaseException]
-    ) -> None:
-        self._copier, self._dst, self._src, self._failures = copier, dst, src, failures
+    def __init__(self, transfer: Transfer, failures: list[BaseException]) -> None:
+        self._transfer, self._failures = transfer, failures
         self._lock = threading.Lock()
         self._state = _PENDING
         self._done = threading.Event()
@@ -42,7 +42,7 @@ class Ticket:
                 return
             self._state = _RUNNING
         try:
-            self._completion = self._copier.copy(self._dst, self._src)
+            self._completion = self._transfer()
         except BaseException as exc:
             self._error = exc
             self._failures.append(exc)
@@ -80,18 +80,17 @@ def _drain(jobs: queue.SimpleQueue) -> None:
 class Watchdog:
     """Owns the transfer thread; `stop` (or garbage collection of the model, via its finalizer) ends it."""
 
-    def __init__(self, copier: CpuCopier | CudaCopier, name: str = "specmd-watchdog") -> None:
-        self._copier = copier
+    def __init__(self, name: str = "specmd-watchdog") -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._failures: list[BaseException] = []
         self._thread = threading.Thread(target=_drain, args=(self._jobs,), name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
-        """Queue a copy of `src` into `dst`."""
+    def submit(self, transfer: Transfer) -> Ticket:
+        """Queue `transfer`."""
         if not self._thread.is_alive():
             raise RuntimeError("the specmd watchdog is stopped (the model was closed)")
-        ticket = Ticket(self._copier, dst, src, self._failures)
+        ticket = Ticket(transfer, self._failures)
         self._jobs.put(ticket)
         return ticket
 

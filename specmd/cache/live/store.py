@@ -1,14 +1,20 @@
-"""Storage tiers below the cache: where every expert's full copy lives."""
+"""Storage tiers below the cache: where every expert's copy at each stored precision lives.
+
+A tier is an `ExpertStore`: it reads one expert at one precision into a destination buffer (through the
+copier that moves bytes to the cache's device), says how many bytes that copy has, and closes. Tiers
+are chosen by name (`STORAGE_TIERS`); a new tier is a new class registered there.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from specmd.cache.keys import ExpertKey
+from specmd.cache.live.copiers import Completion, Copier
 from specmd.quant.formats import ExpertFormat, ExpertShape
 
 if TYPE_CHECKING:
@@ -27,6 +33,22 @@ class ExpertSource(Protocol):
     def __iter__(self) -> Iterator[ExpertWeights]: ...
 
     def __len__(self) -> int: ...
+
+
+class ExpertStore(Protocol):
+    """What a storage tier offers the cache's live side."""
+
+    def nbytes(self, key: ExpertKey) -> int:
+        """Bytes of the copy `key` (its expert at its precision)."""
+        ...
+
+    def read_into(self, key: ExpertKey, dst: torch.Tensor, copier: Copier) -> Completion:
+        """Issue the read of copy `key` into `dst` (uint8, `nbytes(key)` long) through `copier`."""
+        ...
+
+    def close(self) -> None:
+        """Release what the tier holds (files, buffers); it is not read again."""
+        ...
 
 
 class RamStore:
@@ -94,7 +116,17 @@ class RamStore:
                 buffers[ExpertKey(layer, expert, precision)] = rows[expert]
         return cls(buffers)
 
+    def nbytes(self, key: ExpertKey) -> int:
+        return self._buffers[key].numel()
+
+    def read_into(self, key: ExpertKey, dst: torch.Tensor, copier: Copier) -> Completion:
+        return copier.copy(dst, self._buffers[key])
+
+    def close(self) -> None:
+        self._buffers = {}
+
     def __getitem__(self, key: ExpertKey) -> torch.Tensor:
+        """The host buffer of copy `key`."""
         return self._buffers[key]
 
     def __iter__(self) -> Iterator[ExpertKey]:
@@ -102,3 +134,25 @@ class RamStore:
 
     def __len__(self) -> int:
         return len(self._buffers)
+
+
+StoreFactory = Callable[..., ExpertStore]
+"""Builds a tier: (experts, formats, shape, *, pin, progress, copies) -> store (see `RamStore.build`)."""
+
+STORAGE_TIERS: dict[str, StoreFactory] = {"ram": RamStore.build}
+
+
+def open_store(
+    storage: str,
+    experts: ExpertSource,
+    formats: Sequence[ExpertFormat],
+    shape: ExpertShape,
+    *,
+    pin: bool,
+    progress: bool = True,
+    copies: QuantizedCopies | None = None,
+) -> ExpertStore:
+    """The storage tier registered as `storage`, holding every expert of `experts` at each of `formats`."""
+    if storage not in STORAGE_TIERS:
+        raise ValueError(f"storage {storage!r} is not available; available: {', '.join(STORAGE_TIERS)}")
+    return STORAGE_TIERS[storage](experts, formats, shape, pin=pin, progress=progress, copies=copies)

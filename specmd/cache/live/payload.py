@@ -1,7 +1,7 @@
 """The live payload: the tensors behind the engine's keys.
 
-The engine tells it when a key enters (take an arena slot, have the watchdog copy the expert in from
-the store) and leaves (free the slot); the manager asks it to compute an expert, which first waits
+The engine tells it when a key enters (take an arena slot, have the watchdog read the expert in from
+its storage tier) and leaves (free the slot); the manager asks it to compute an expert, which first waits
 for that expert's copy.
 """
 
@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from specmd.cache.arena import SlotArena
 from specmd.cache.clock import WallClock, wall_clock
 from specmd.cache.keys import ExpertKey
-from specmd.cache.prefetcher import Ticket, Watchdog
-from specmd.cache.store import RamStore
+from specmd.cache.live.arena import SlotArena
+from specmd.cache.live.copiers import Copier
+from specmd.cache.live.store import ExpertStore
+from specmd.cache.live.watchdog import Ticket, Watchdog
 from specmd.quant.formats import ExpertFormat, ExpertShape, Weights
 
 
@@ -28,13 +30,14 @@ class _Slot:
 
 
 class LivePayload:
-    """Moves experts from a `RamStore` into a `SlotArena` and runs them (a `CacheListener` and `Payload`)."""
+    """Moves experts from a storage tier into a `SlotArena` and runs them (a `CacheListener` and `Payload`)."""
 
     def __init__(
         self,
-        store: RamStore,
+        store: ExpertStore,
         arena: SlotArena,
         watchdog: Watchdog,
+        copier: Copier,
         formats: Mapping[str, ExpertFormat],
         shape: ExpertShape,
         wall: WallClock = wall_clock,
@@ -42,20 +45,22 @@ class LivePayload:
         self.store = store
         self.arena = arena
         self.watchdog = watchdog
+        self.copier = copier
         self.formats = dict(formats)
         self.shape = shape
         self.wall = wall
         self._slots: dict[ExpertKey, _Slot] = {}
 
     def on_load(self, key: ExpertKey) -> None:
-        source = self.store[key]
-        handle = self.arena.acquire(source.numel())
+        nbytes = self.store.nbytes(key)
+        handle = self.arena.acquire(nbytes)
         if handle is None:
             self._compact()
-            handle = self.arena.acquire(source.numel())
+            handle = self.arena.acquire(nbytes)
             assert handle is not None, "a compacted arena holds every set of experts the capacity admits"
         destination = self.arena.view(handle)
-        self._slots[key] = _Slot(handle, self.watchdog.submit(destination, source), destination)
+        ticket = self.watchdog.submit(partial(self.store.read_into, key, destination, self.copier))
+        self._slots[key] = _Slot(handle, ticket, destination)
 
     def on_evict(self, key: ExpertKey) -> None:
         slot = self._slots.pop(key)

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig
 
+from specmd.cache.live.store import ExpertWeights
+from specmd.offload_models.auto import AutoOffloadForCausalLM
+from specmd.offload_models.checkpoint import ExpertCheckpoint, checkpoint_files
 from specmd.quant.formats import ExpertShape, get_format
-
-ExpertWeights = tuple[int, int, torch.Tensor, torch.Tensor]
 
 
 def relative_error(precision: str, gate_up: torch.Tensor, down: torch.Tensor) -> float:
@@ -40,11 +42,6 @@ def expert_errors(
 
 def checkpoint_experts(path: str | os.PathLike[str]) -> Iterable[ExpertWeights]:
     """Every routed expert of the checkpoint at `path` (a directory or hub id), read one at a time."""
-    from transformers import AutoConfig
-
-    from specmd.offload_models.auto import AutoOffloadForCausalLM
-    from specmd.offload_models.checkpoint import ExpertCheckpoint, checkpoint_files
-
     config = AutoConfig.from_pretrained(path)
     arch = AutoOffloadForCausalLM.class_for(config.model_type).arch
     return ExpertCheckpoint(checkpoint_files(path), arch.checkpoint, arch.moe_layers(config), arch.num_experts(config))
@@ -135,8 +132,6 @@ def precision_quality(
     `load_kwargs` go to both loads (`policy`, `dtype`, ...); the cache holds everything (`cache_frac=1.0`)
     unless they say otherwise, so what is compared is the precisions, not the cache.
     """
-    from specmd.offload_models.auto import AutoOffloadForCausalLM
-
     load_kwargs = {"cache_frac": 1.0, "progress": False} | load_kwargs
     with (
         AutoOffloadForCausalLM.from_pretrained(path, expert_precisions=expert_precisions, **load_kwargs) as model,

@@ -1,0 +1,50 @@
+"""The one way to build a cache: (expert layout, cache config) -> a `CacheManager`, for live runs and replay alike."""
+
+from __future__ import annotations
+
+from specmd.cache.clock import ComputeModel, RooflineCompute, WallClock, ZeroCompute, wall_clock
+from specmd.cache.config import CacheConfig
+from specmd.cache.engine import ExpertCache
+from specmd.cache.layout import ExpertLayout
+from specmd.cache.manager import CacheManager
+from specmd.cache.policies.base import Future
+from specmd.cache.policies.spec import KINDS
+
+
+def compute_model(layout: ExpertLayout, config: CacheConfig) -> ComputeModel:
+    """Emulated compute: the hardware profile's roofline over the layout's model shape (none known: no time)."""
+    if layout.shape is None:
+        return ZeroCompute()
+    profile = config.profile
+    return RooflineCompute(layout.shape, profile.peak_flops, profile.memory_bandwidth)
+
+
+def build_manager(
+    layout: ExpertLayout,
+    config: CacheConfig,
+    *,
+    measured_compute: bool = False,
+    future: Future | None = None,
+    wall: WallClock = wall_clock,
+) -> CacheManager:
+    """A fresh cache, its policies and its manager for `layout` under `config`; every setting is checked here.
+
+    `measured_compute` times compute on this machine (a live model, which then `attach`es its payload)
+    instead of pricing it on the hardware profile; `future` is what a trace replay knows ahead (without
+    it, the policies that need it are refused).
+    """
+    capacity = config.capacity_bytes(layout)
+    policies = config.policy.build()
+    for kind in KINDS:
+        policy = getattr(policies, kind)
+        if getattr(policy, "needs_future", False):
+            if future is None:
+                raise ValueError(
+                    f"{getattr(config.policy, kind).name!r} knows the future and runs only in trace replay "
+                    "(specmd.sim.replay); a live model needs an online policy"
+                )
+            policy.bind_future(future)
+    policies.eviction.bind_layout(layout)
+    cache = ExpertCache(capacity, policies.eviction, layout.expert_bytes, layout.catalog())
+    compute = None if measured_compute else compute_model(layout, config)
+    return CacheManager(cache, policies, config.link(), compute, layout, wall=wall)
