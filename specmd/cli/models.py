@@ -1,0 +1,157 @@
+"""What a model is and how it routes, and which policies there are: `specmd info`, `routing-stats`, `policies`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from rich.table import Table
+
+from specmd import cli
+from specmd.cli import options, output
+
+ROUTING_NOTE = (
+    "entropy: of the layer's expert usage (max: every expert used equally); top-1 reuse: consecutive tokens with "
+    "the same top-1 expert; any reuse: share of a token's experts the previous token also used; prefetch recall: "
+    "share of a layer's experts in the top-k of its router applied to the previous layer's input. "
+    "Uniform-random routing in brackets."
+)
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _add_info(commands)
+    _add_routing_stats(commands)
+    _add_policies(commands)
+
+
+def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    info = commands.add_parser(
+        "info", help="layers, experts, top-k and expert bytes of a model, from its config alone (no weights)"
+    )
+    options.add_model(info, "checkpoint directory, config.json file, hub id, or 'default'")
+    options.add_output(info)
+    info.set_defaults(func=cmd_info)
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in decimal units (GB = 1e9 B, as link speeds are quoted)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _experts(count: int) -> str:
+    return "under one expert" if count == 0 else f"{count:,} expert{'s' if count > 1 else ''}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from specmd.offload_models.info import load_config, model_info
+
+    info = model_info(load_config(options.model_path(args.model)))
+    output.emit(args, {"model": args.model, **info.to_dict()})
+    if not args.json:
+        dense = sorted(set(range(info.num_layers)) - set(info.moe_layers))
+        layers = f"{len(info.moe_layers)} of {info.num_layers} layers are MoE" + (
+            f" (dense: {', '.join(map(str, dense))})" if dense else ""
+        )
+        cli.out.print(f"[bold]{args.model}[/bold]: {info.model_type}, loads as {info.offload_class}", highlight=False)
+        cli.out.print(
+            f"{layers}; {info.experts_per_layer} experts per layer, top-{info.top_k}; "
+            f"{info.routed_experts} routed experts of {info.hidden_size} x {info.expert_intermediate_size} "
+            f"({info.expert_params:,} weights each)",
+            highlight=False,
+        )
+        table = Table(
+            title=f"routed-expert bytes, and what a cache of a fraction of them (at {info.full_precision}) holds"
+        )
+        table.add_column("precision")
+        for column in ("one expert", "all experts"):
+            table.add_column(column, justify="right")
+        for capacity in info.precisions[0].capacities:
+            table.add_column(f"{capacity.cache_frac:.0%} cache", justify="right")
+        for sizes in info.precisions:
+            stored = " (stored)" if sizes.precision == info.stored_precision else ""
+            cells = [f"{_size(c.bytes)}: {_experts(c.experts)}" for c in sizes.capacities]
+            table.add_row(sizes.precision + stored, _size(sizes.bytes_per_expert), _size(sizes.total_bytes), *cells)
+        cli.out.print(table)
+        cli.out.print(
+            "GB = 1e9 B. A cache under one expert is refused at load. Non-expert weights (attention, norms, "
+            "routers, shared experts, embeddings) come on top.",
+            style="dim",
+        )
+    return 0
+
+
+def _add_routing_stats(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    routing = commands.add_parser("routing-stats", help="per-layer routing statistics that matter to a cache")
+    options.add_model(routing)
+    routing.add_argument("--text", required=True, help="a UTF-8 text file to run the model over")
+    routing.add_argument("--window", type=int, default=512, help="tokens per forward pass (512)")
+    routing.add_argument("--max-tokens", type=int, default=8192, help="use at most this many tokens of the text")
+    options.add_dtype(routing, "model dtype (auto: as saved)")
+    options.add_output(routing)
+    routing.set_defaults(func=cmd_routing_stats)
+
+
+def cmd_routing_stats(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specmd.sim.routing_stats import routing_stats, text_sequences
+
+    path = options.model_path(args.model)
+    text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sequences = text_sequences(tokenizer, text, args.window, args.max_tokens)
+    if not sequences:
+        raise ValueError(f"--text {args.text} has fewer than 2 tokens")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=options.torch_dtype(args.dtype)).eval()
+    stats = routing_stats(model, sequences)
+    output.emit(args, {"model": args.model, "text": args.text, "window": args.window} | stats.to_dict())
+    if not args.json:
+        k, e = stats.top_k, stats.num_experts
+        table = Table(title=f"routing of {args.model}: {stats.tokens:,} tokens of {args.text}, top-{k} of {e} experts")
+        for column in ("layer", "entropy bits", "top-1 reuse", "any reuse", f"prefetch recall@{k}"):
+            table.add_column(column, justify="right")
+        mean = stats.mean()
+        rows = [(str(r.layer), r.entropy_bits, r.top1_reuse, r.any_reuse, r.prefetch_recall) for r in stats.layers]
+        rows.append(("mean", mean["entropy_bits"], mean["top1_reuse"], mean["any_reuse"], mean["prefetch_recall"]))
+        for name, entropy, top1, any_, recall in rows:
+            table.add_row(
+                name,
+                f"{entropy:.2f} / {math.log2(e):.2f}",
+                f"{top1:.1%} ({1 / e:.1%})",
+                f"{any_:.1%} ({k / e:.1%})",
+                "-" if recall is None else f"{recall:.1%} ({k / e:.1%})",
+            )
+        cli.out.print(table)
+        cli.out.print(ROUTING_NOTE, style="dim")
+    return 0
+
+
+def _add_policies(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    policies = commands.add_parser("policies", help="list every policy name with a one-line description")
+    options.add_output(policies)
+    policies.set_defaults(func=cmd_policies)
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from specmd.cache.policies import DEFAULT_POLICY, catalog
+
+    rows = catalog()
+    output.emit(
+        args,
+        {
+            "default": DEFAULT_POLICY,
+            "policies": [{"kind": k, "name": n, "aliases": list(a), "description": d} for k, n, a, d in rows],
+        },
+    )
+    if not args.json:
+        table = Table(title=f"policies (default: {DEFAULT_POLICY})")
+        for column in ("kind", "name", "aliases", "description"):
+            table.add_column(column)
+        for kind, name, aliases, description in rows:
+            table.add_row(kind, name, ", ".join(aliases), description)
+        cli.out.print(table)
+    return 0

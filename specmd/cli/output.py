@@ -1,0 +1,84 @@
+"""What the commands print besides their own lines: the JSON result, and the cache-metric tables.
+
+Everything prints through `specmd.cli.out`, looked up at each call, so that it can be replaced there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from specmd import cli
+from specmd.cli.options import PROFILE
+
+METRICS: tuple[tuple[str, Callable[[Any], str]], ...] = (
+    ("hit rate", lambda s: f"{s.hit_rate:.1%}"),
+    ("late", lambda s: str(s.late_prefetches)),
+    ("collisions", lambda s: str(s.collision_misses)),
+    ("stall ms", lambda s: f"{s.stall_s * 1e3:.1f}"),
+    ("TTFT ms", lambda s: f"{s.ttft_s * 1e3:.2f}"),
+    ("tok/s", lambda s: f"{s.tokens_per_s:,.0f}"),
+    ("wall tok/s", lambda s: f"{s.wall_tokens_per_s:,.0f}"),
+)
+METRIC_NOTE = (
+    "hit rate: requests found resident and ready; late: prefetches still in flight when requested; "
+    "collisions: misses on experts evicted earlier in the same pass; stall, TTFT and tok/s are emulated "
+    "(link + hardware profile); wall tok/s is this machine's real speed."
+)
+
+
+def emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    """The JSON result: printed with --json, written to --out when the command has and got one."""
+    text = json.dumps(payload, indent=2, default=str)
+    if getattr(args, "json_out", None):
+        Path(args.json_out).write_text(text + "\n")
+    if args.json:
+        print(text)
+
+
+def capacity_label(args: argparse.Namespace) -> str:
+    """The cache size as given: "5%" of --cache-frac, or "N B" of --cache-bytes."""
+    return f"{args.cache_bytes} B" if args.cache_bytes else f"{args.cache_frac:.0%}"
+
+
+def link_label(args: argparse.Namespace) -> str:
+    """The link as given: "5.0 GB/s", "native speed", or the hardware profile's link."""
+    if args.bandwidth_gbps == PROFILE:
+        return f"the {args.hardware} link"
+    return f"{args.bandwidth_gbps} GB/s" if args.bandwidth_gbps else "native speed"
+
+
+def metrics_table(title: str, label: str, *, fold: bool = False) -> Table:
+    """A table of one run a row: a `label` column, then a column a metric (headers folded with `fold`)."""
+    table = Table(title=title)
+    table.add_column(label, no_wrap=True)
+    for name, _ in METRICS:
+        table.add_column(name, justify="right", overflow="fold" if fold else "ellipsis")
+    return table
+
+
+def metric_cells(stats: Any) -> list[str]:
+    """The row of `stats` (CacheStats, or any object with its fields) under the `metrics_table` columns."""
+    return [fmt(stats) for _, fmt in METRICS]
+
+
+def show_metrics(table: Table) -> None:
+    """Print a metrics table, and the note that says what the metrics mean."""
+    cli.out.print(table)
+    cli.out.print(METRIC_NOTE, style="dim")
+
+
+def print_stats(args: argparse.Namespace, stats: Any, *, wall: bool = True) -> None:
+    """One run's metrics, a row each (without the wall-clock ones when not `wall`)."""
+    table = Table(title=f"{args.policy}, cache {capacity_label(args)}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, fmt in METRICS:
+        if wall or not name.startswith("wall"):
+            table.add_row(name, fmt(stats))
+    show_metrics(table)

@@ -1,0 +1,162 @@
+"""The research half: `specmd trace` records routing, `replay` and `sweep` run it through policies, `report`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from specmd import cli
+from specmd.cli import options, output
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _add_trace(commands)
+    _add_replay(commands)
+    _add_sweep(commands)
+    _add_report(commands)
+
+
+def _add_trace(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    trace = commands.add_parser("trace", help="record a routing trace while generating from a file of prompts")
+    options.add_model(trace)
+    trace.add_argument("--prompts", required=True, help="one prompt per line (or a .jsonl of strings)")
+    trace.add_argument("--out", required=True, help="trace file to write: .jsonl (interchange) or .npz (compact)")
+    trace.add_argument("--max-new-tokens", type=int, default=32)
+    options.add_policy(trace, "the live run's policy (the trace does not depend on it)")
+    options.add_offload_options(trace, bandwidth=None)
+    options.add_json(trace)
+    trace.set_defaults(func=cmd_trace)
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line; in a .jsonl file each line is a JSON string or {"prompt": ...}."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not path.endswith(".jsonl"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        item = json.loads(line)
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise ValueError(f"{path}:{number}: expected a JSON string or an object with a 'prompt' string")
+        prompts.append(prompt)
+    return prompts
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from specmd.sim.record import TraceRecorder
+
+    prompts = read_prompts(args.prompts)
+    if not prompts:
+        raise ValueError(f"{args.prompts} holds no prompts")
+    tokenizer = AutoTokenizer.from_pretrained(options.model_path(args.model))
+    with options.load_model(args, args.policy) as model:
+        recorder = TraceRecorder(model.trace_meta())
+        with model.observe_routing(recorder):
+            options.continuations(model, tokenizer, prompts, args.max_new_tokens)
+        stats = model.cache_stats()
+    trace = recorder.trace()
+    path = trace.save(args.out)
+    payload = {"trace": str(path), "events": len(trace.events), "prompts": len(prompts), "stats": stats.to_dict()}
+    output.emit(args, payload)
+    if not args.json:
+        cli.out.print(f"wrote {len(trace.events)} routing records of {len(prompts)} prompts to {path}")
+        output.print_stats(args, stats)
+    return 0
+
+
+def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser("replay", help="replay a routing trace through a policy mix, no model needed")
+    replay.add_argument("trace", help="a .jsonl or .npz trace")
+    options.add_policy(replay)
+    options.add_cache_size(replay, default=None)
+    options.add_link(replay, options.PROFILE)
+    replay.add_argument("--link-latency-us", type=float, help="per-transfer latency (default: the profile's)")
+    options.add_hardware(replay, "hardware profile ({profiles})")
+    replay.add_argument("--experts-per-layer", type=int, help="for traces whose header lacks it")
+    replay.add_argument("--expert-bytes", type=int, help="bytes of one expert, for traces whose header lacks it")
+    options.add_output(replay)
+    replay.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from specmd.sim.replay import replay
+    from specmd.sim.trace import load_trace
+
+    trace = load_trace(args.trace, experts_per_layer=args.experts_per_layer, expert_bytes=args.expert_bytes)
+    stats = replay(
+        trace,
+        policy=args.policy,
+        **options.cache_size(args),
+        bandwidth_gbps=args.bandwidth_gbps,
+        link_latency_s=None if args.link_latency_us is None else args.link_latency_us * 1e-6,
+        hardware=args.hardware,
+    )
+    payload = {"trace": args.trace, "trace_sha256": trace.sha256, "policy": args.policy, "stats": stats.to_dict()}
+    output.emit(args, payload)
+    if not args.json:
+        output.print_stats(args, stats, wall=False)  # a replay has no wall clock
+    return 0
+
+
+def _add_sweep(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sweep = commands.add_parser("sweep", help="replay traces x capacities x bandwidths x policies into a CSV")
+    sweep.add_argument("traces", nargs="*", help="trace files")
+    sweep.add_argument("--grid", help="a TOML grid (traces, policies, cache_frac, bandwidth_gbps, hardware)")
+    options.add_policy(sweep, "a policy mix (repeat for several)", many=True)
+    sweep.add_argument("--cache-frac", type=float, nargs="+", help="capacities as fractions of all expert bytes")
+    options.add_link(sweep, many=True)
+    options.add_hardware(sweep, "hardware profiles (default: {default})", many=True)
+    sweep.add_argument("--no-baselines", action="store_true", help="leave out the Belady and unbounded runs")
+    sweep.add_argument("--out", required=True, help="results CSV (existing rows are kept and skipped)")
+    sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
+    options.add_json(sweep, "print a JSON summary instead of text")
+    sweep.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from specmd.sim.sweep import SweepGrid, sweep
+
+    given = {
+        "traces": args.traces,
+        "policies": args.policy,
+        "cache_fracs": args.cache_frac,
+        "bandwidths": args.bandwidth_gbps,
+        "hardware": args.hardware,
+    }
+    if args.grid:
+        grid = SweepGrid.from_toml(args.grid, **given)
+    else:
+        needed = (("TRACE", "traces"), ("--policy", "policies"), ("--cache-frac", "cache_fracs"))
+        missing = [flag for flag, key in needed if not given[key]]
+        if missing:
+            raise ValueError(f"a sweep needs {', '.join(missing)} (or a --grid file)")
+        grid = SweepGrid(**{k: tuple(v) for k, v in given.items() if v})
+    if args.no_baselines:
+        grid = SweepGrid(**{**grid.__dict__, "baselines": False})
+    rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json)
+    output.emit(args, {"results": args.out, "new_runs": len(rows), "runs": len(grid.runs())})
+    if not args.json:
+        cli.out.print(f"{len(rows)} new runs of {len(grid.runs())} written to {args.out}")
+    return 0
+
+
+def _add_report(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    report = commands.add_parser("report", help="write Markdown tables and PNG figures from sweep results")
+    report.add_argument("results", help="results CSV from `specmd sweep`")
+    report.add_argument("--out", required=True, help="directory for report.md and the figures")
+    options.add_json(report, "print the written files as JSON")
+    report.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from specmd.sim.report import report
+
+    files = report(args.results, args.out)
+    output.emit(args, {"files": [str(f) for f in files]})
+    if not args.json:
+        cli.out.print(f"wrote {files[0]} and {len(files) - 1} figures")
+    return 0
