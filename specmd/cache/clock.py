@@ -40,18 +40,22 @@ class ModelShape:
     dtype_bytes: int
 
     def __post_init__(self) -> None:
+        self.check(asdict(self))
+
+    @classmethod
+    def check(cls, data: Mapping[str, Any]) -> None:
+        """Raise a ValueError naming the first field of `data` (the fields as `to_dict` writes them) that is wrong."""
         for name in ("num_layers", "hidden_size", "kv_dim", "head_params", "expert_params", "dtype_bytes"):
-            value = getattr(self, name)
+            value = data[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"model shape: {name} must be an integer >= 0, got {value!r}")
-        if not isinstance(self.dense_params, tuple) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.dense_params
+        dense = data["dense_params"]
+        if not isinstance(dense, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in dense
         ):
-            raise ValueError(f"model shape: dense_params must be integers >= 0, got {self.dense_params!r}")
-        if len(self.dense_params) != self.num_layers:
-            raise ValueError(
-                f"dense_params has {len(self.dense_params)} entries; expected one per layer ({self.num_layers})"
-            )
+            raise ValueError(f"model shape: dense_params must be integers >= 0, got {dense!r}")
+        if len(dense) != data["num_layers"]:
+            raise ValueError(f"dense_params has {len(dense)} entries; expected one per layer ({data['num_layers']})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"dense_params": list(self.dense_params)}
@@ -66,8 +70,8 @@ class ModelShape:
         if missing or unknown:
             problem = f"lacks {missing[0]!r}" if missing else f"has an unknown field {unknown[0]!r}"
             raise ValueError(f"the model shape {problem}; its fields are {', '.join(names)}")
-        dense = data["dense_params"]
-        return cls(**{**data, "dense_params": tuple(dense) if isinstance(dense, list | tuple) else dense})
+        cls.check(data)  # before construction: a compiled build checks the field types first, less helpfully
+        return cls(**{**data, "dense_params": tuple(data["dense_params"])})
 
 
 @dataclass(frozen=True)

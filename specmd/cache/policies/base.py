@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 from mypy_extensions import mypyc_attr
 
@@ -200,7 +200,7 @@ class MissPolicy(ABC):
     """Whether the policy reads `MissContext.routing` weights and ranks (live runs then compute them)."""
     needs_probs: bool = False
     """Whether the policy reads `MissContext.probs` (live runs then compute them)."""
-    precision_params: tuple[str, ...] = ()
+    precision_params: ClassVar[tuple[str, ...]] = ()
     """Constructor parameters that name precisions: a policy spec resolves their aliases (int4 -> nf4)."""
 
     @abstractmethod

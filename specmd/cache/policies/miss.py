@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from mypy_extensions import mypyc_attr
 
 from specmd.cache.keys import ExpertKey, Tick
@@ -46,10 +48,12 @@ class FetchPriority(MissPolicy):
     of this layer's requested experts is fetched at the requested precision. Any other miss that would
     stall (the link takes emulated time) uses the first of `fallback` (int8, then int4 = nf4, then int2 =
     hqq2) that is stored and smaller than the requested copy: a resident copy at that precision if there
-    is one, else a transfer. With nothing to fall back to, it fetches the requested precision.
+    is one, else a transfer. With nothing to fall back to, it fetches the requested precision. A policy
+    spec resolves `fallback`'s aliases; built directly, it takes the names the store uses.
     """
 
     needs_routing = True
+    precision_params: ClassVar[tuple[str, ...]] = ("fallback",)
 
     def __init__(self, percentile: float = 60.0, fallback: tuple[str, ...] = ("int8", "nf4", "hqq2")) -> None:
         if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 <= percentile <= 100:

@@ -188,10 +188,28 @@ def _split_arguments(text: str) -> list[str]:
     return [*items, text[start:]]
 
 
+_CLOSING = {"(": ")", "[": "]"}
+_MAX_DEPTH = 16  # brackets within brackets a parameter value may hold
+
+
+def _depth(text: str) -> int:
+    depth = deepest = 0
+    for char in text:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def _literal(text: str) -> Any:
+    """A parameter value: a Python literal, a bracketed list of values (bare names allowed), else the text."""
+    if _depth(text) > _MAX_DEPTH:
+        raise ValueError(f"policy parameter value {text[:40]!r}... nests brackets more than {_MAX_DEPTH} deep")
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError):
+        if len(text) >= 2 and _CLOSING.get(text[0]) == text[-1]:
+            return tuple(_literal(item.strip()) for item in _split_arguments(text[1:-1]) if item.strip())
         return text
 
 
