@@ -16,7 +16,7 @@ can be made without touching pinned or arriving experts. Compute time comes from
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -456,10 +456,12 @@ class CacheManager:
     def _targets(self, layer: int, predicted: Predictions) -> list[Target]:
         """`predicted`'s targets, checked and ordered: nearest pass first, then layer order."""
         position = self._moe_position
-        for ahead, target in predicted:
-            if not (isinstance(ahead, int) and ahead >= 0 and target in position and (ahead or target > layer)):
+        keys: Iterable[object] = predicted  # checked here, whatever a caller passed
+        for target in keys:
+            valid = isinstance(target, tuple) and len(target) == 2 and all(type(v) is int for v in target)
+            if not (valid and target[0] >= 0 and target[1] in position and (target[0] or target[1] > layer)):  # type: ignore[index]
                 raise ValueError(
-                    f"prediction target ({ahead!r}, {target!r}) from layer {layer} is not a later MoE layer of this "
+                    f"prediction target {target!r} from layer {layer} is not a later MoE layer of this "
                     f"pass or a MoE layer of a later pass; MoE layers: {list(self.moe_layers)}"
                 )
         return sorted(predicted, key=lambda target: (target[0], position[target[1]]))
