@@ -5,7 +5,7 @@ from __future__ import annotations
 from specmd.cache.engine import ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.layout import ExpertLayout
-from specmd.cache.policies.eviction import LFU, LHU, LRU, FarthestLayer, LeastStale, ScoreBased
+from specmd.cache.policies.eviction import LFU, LHU, LRU, FarthestLayer, ScoreBased
 
 
 def key(layer: int, expert: int) -> ExpertKey:
@@ -38,50 +38,6 @@ def test_lru_evicts_the_least_recently_requested() -> None:
     cache = fill(LRU(), [a, b, c])
     cache.touch(a, tick(1, 0))  # touch 0, so 1 is now the oldest
     assert victims(cache, tick(1, 1), 3) == [b, c, a]
-
-
-def test_least_stale_evicts_stale_before_current_each_fifo_by_layer() -> None:
-    l0, l1, l2, l3 = key(0, 0), key(1, 0), key(2, 0), key(3, 0)
-    cache = fill(LeastStale(), [l3, l0, l2, l1], pass_idx=1)
-    # Pass 2: layer 1's and layer 3's experts are requested again: current; 0 and 2 went stale.
-    cache.touch(l1, tick(2, 1))
-    cache.touch(l3, tick(2, 3))
-    assert victims(cache, tick(2, 3), 4) == [l0, l2, l1, l3]
-
-
-def test_least_stale_keeps_upcoming_layers_over_finished_ones_unlike_lru() -> None:
-    prefetched, demanded = key(3, 0), key(2, 0)
-    for policy, first_victim in ((LeastStale(), demanded), (LRU(), prefetched)):
-        cache = fill(policy, [], pass_idx=1)
-        cache.insert(prefetched, tick(1, 2), ready_at=0.0)  # layer 2 prefetches for layer 3 ...
-        cache.insert(demanded, tick(1, 2), ready_at=0.0)  # ... then fetches its own expert
-        assert victims(cache, tick(1, 2), 1) == [first_victim]
-
-
-def test_least_stale_evicts_the_most_stale_first() -> None:
-    older, newer = key(5, 0), key(1, 0)
-    cache = fill(LeastStale(), [older], pass_idx=1)
-    cache.insert(newer, tick(2, 1), ready_at=0.0)
-    # In pass 3 both are stale: the one stale since pass 1 leaves before the one stale since pass 2.
-    assert victims(cache, tick(3, 0), 2) == [older, newer]
-
-
-def test_least_stale_is_fifo_within_one_layer_and_skips_pinned() -> None:
-    first, second, third = key(2, 7), key(2, 3), key(2, 5)
-    cache = fill(LeastStale(), [first, second, third])
-    cache.pin(first)
-    assert victims(cache, tick(1, 2), 2) == [second, third]
-    cache.unpin(first)
-    assert victims(cache, tick(1, 2), 1) == [first]
-
-
-def test_least_stale_turns_current_experts_stale_when_a_pass_begins() -> None:
-    early, late = key(0, 0), key(3, 0)
-    cache = fill(LeastStale(), [late], pass_idx=1)
-    cache.insert(early, tick(2, 0), ready_at=0.0)  # current in pass 2, `late` is stale
-    assert victims(cache, tick(2, 1), 1) == [late]
-    cache.insert(late, tick(2, 3), ready_at=0.0)
-    assert victims(cache, tick(3, 0), 2) == [early, late]  # pass 3: both stale since pass 2, layer order
 
 
 def test_lfu_evicts_the_least_used_and_breaks_ties_by_recency() -> None:

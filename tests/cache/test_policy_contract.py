@@ -139,11 +139,11 @@ def reference_victims(stream, capacity: int, order):  # type: ignore[no-untyped-
 
 REFERENCE_ORDER = {
     "lru": lambda k, s: s["touched"][k][1],
-    # current (touched this pass) after stale; stale by the pass it went stale in; then layer, then order.
+    # groups stale-left, current-left, stale-right, current-right (left: the layers the pass has looked up);
+    # within one, the deepest layer (the farthest next use in cyclic order), then the least recent.
     "least-stale": lambda k, s: (
-        s["touched"][k][0] == s["pass"],
-        0 if s["touched"][k][0] == s["pass"] else s["touched"][k][0],
-        k[0],
+        (0 if k[0] <= s["layer"] else 2) + (s["touched"][k][0] == s["pass"]),
+        -k[0],
         s["touched"][k][1],
     ),
     "lfu": lambda k, s: (s["uses"][k], s["touched"][k][1]),
