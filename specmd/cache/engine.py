@@ -40,24 +40,33 @@ class CacheListener(Protocol):
     def on_evict(self, key: ExpertKey) -> None: ...
 
 
-class _Candidates:
-    """Evictable keys at one instant: resident, unpinned, transfer complete.
+ANY_LAYER = 1 << 30
+"""`make_room`'s default bound: experts of any layer may be evicted."""
 
-    The cache keeps one view and sets its instant at each `make_room`; it is valid during that call.
+
+class _Candidates:
+    """Evictable keys at one instant: resident, unpinned, transfer complete, of a layer up to a bound.
+
+    The cache keeps one view and sets its instant and bound at each `make_room`; it is valid during that call.
     """
 
-    __slots__ = ("_entries", "_time")
+    __slots__ = ("_entries", "_through", "_time")
 
     def __init__(self, entries: dict[ExpertKey, Entry], time_s: float) -> None:
         self._entries = entries
         self._time = time_s
+        self._through = ANY_LAYER
 
     def __contains__(self, key: object) -> bool:
         entry = self._entries.get(key)  # type: ignore[call-overload]
-        return entry is not None and not entry.pins and entry.ready_at <= self._time
+        return (
+            entry is not None and not entry.pins and entry.ready_at <= self._time and key.layer <= self._through  # type: ignore[attr-defined]
+        )
 
     def __iter__(self) -> Iterator[ExpertKey]:
-        return (k for k, e in self._entries.items() if not e.pins and e.ready_at <= self._time)
+        return (
+            k for k, e in self._entries.items() if not e.pins and e.ready_at <= self._time and k.layer <= self._through
+        )
 
 
 class ExpertCache:
@@ -167,29 +176,42 @@ class ExpertCache:
                 in_flight += entry.nbytes
         return self._pinned_bytes + in_flight
 
-    def make_room(self, nbytes: int, now: Tick) -> list[ExpertKey] | None:
+    def _evictable_bytes(self, time_s: float, through_layer: int) -> int:
+        return sum(
+            e.nbytes
+            for k, e in self._entries.items()
+            if k.layer <= through_layer and not e.pins and e.ready_at <= time_s
+        )
+
+    def make_room(self, nbytes: int, now: Tick, through_layer: int = ANY_LAYER) -> list[ExpertKey] | None:
         """Evict (per policy) until `nbytes` more fit; return the evicted keys, or None if they cannot fit now.
 
-        None leaves the cache untouched: pinned and in-flight experts hold too many bytes.
+        Only experts of layers up to `through_layer` may be evicted (a prefetch evicts only experts of layers
+        the pass has computed). None leaves the cache untouched: pinned, in-flight and protected experts
+        hold too many bytes.
         """
         self.last_tick = now
         excess = self.resident_bytes + nbytes - self.capacity_bytes
         if excess <= 0:
             return []
         time_s = now.time_s
-        if self.resident_bytes - self._unavailable_bytes(time_s) < excess:
+        if through_layer >= ANY_LAYER:
+            if self.resident_bytes - self._unavailable_bytes(time_s) < excess:
+                return None
+        elif self._evictable_bytes(time_s, through_layer) < excess:
             return None
         entries, listener, eviction = self._entries, self.listener, self.eviction
         candidates = self._candidates
         candidates._time = time_s
+        candidates._through = through_layer
         evicted: list[ExpertKey] = []
         while self.resident_bytes + nbytes > self.capacity_bytes:
             victim = eviction.choose_victim(candidates, now)
             entry = entries.get(victim)
-            if entry is None or entry.pins or entry.ready_at > time_s:
+            if entry is None or entry.pins or entry.ready_at > time_s or victim.layer > through_layer:
                 raise RuntimeError(
                     f"{type(self.eviction).__name__} chose {victim}, which is not evictable now "
-                    "(not resident, pinned or in flight)"
+                    "(not resident, pinned, in flight or of a protected layer)"
                 )
             if listener is not None:
                 listener.on_evict(victim)  # before removal, so the listener sees the entry it loses

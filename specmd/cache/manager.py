@@ -8,9 +8,13 @@ unpinning each when done, and count. When the layer needs more experts than fit,
 through the cache: computing one unpins it, so the next can evict it.
 
 Everything happens on the emulated clock, a small discrete-event simulation: events are the layer's
-start and each expert's completion. Queued prefetches start at an event when the link is idle and room
-can be made without touching pinned or arriving experts. Compute time comes from the compute model
-(or is measured here when it is None). Counters therefore do not depend on thread timing.
+start and each expert's completion. A queued prefetch starts as soon as the link is free, also while a
+layer's attention (dense compute) runs, provided room can be made by evicting only experts of layers
+the pass has already computed (a prefetch never evicts an expert the pass may still need); one still
+queued when its layer's experts are looked up is dropped: if the layer requests it, the request misses
+and fetches it on demand, ahead of every queued prefetch, the earliest it could arrive anyway. Compute
+time comes from the compute model (or is measured here when it is None). Counters therefore do not
+depend on thread timing.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from specmd.cache.engine import CacheListener, Entry, ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.layout import ExpertLayout
 from specmd.cache.link import EmulatedLink
-from specmd.cache.policies.base import Drop, Fetch, MissContext, Routed, RoutePrediction, Substitute
+from specmd.cache.policies.base import Drop, Fetch, MissAction, MissContext, Routed, RoutePrediction, Substitute
 from specmd.cache.policies.spec import Policies
 from specmd.cache.stats import CacheStats, StatsRecorder
 
@@ -65,11 +69,11 @@ class Payload(CacheListener, Protocol):
 class _Tally:
     """One layer's counts, kept while it is served and added to the stats at its end (none if it raises)."""
 
-    __slots__ = ("collisions", "drops", "fetched", "fetched_bytes", "fetched_other", "hits", "late", "misses",
-                 "stall", "substitutions", "used")  # fmt: skip
+    __slots__ = ("collisions", "collisions_prefetched", "drops", "fetched", "fetched_bytes", "fetched_other", "hits",
+                 "late", "misses", "stall", "substitutions", "used")  # fmt: skip
 
     def __init__(self) -> None:
-        self.hits = self.late = self.misses = self.collisions = self.used = 0
+        self.hits = self.late = self.misses = self.collisions = self.collisions_prefetched = self.used = 0
         self.drops = self.substitutions = 0
         self.fetched = 0  # demand fetches at the manager's precision
         self.fetched_other: dict[str, int] = {}  # demand fetches at other precisions
@@ -121,7 +125,9 @@ class CacheManager:
         self._pass_start = 0.0
         self._wall_start = 0.0
         self._wall_mark = 0.0
-        self._evicted_in_pass: set[ExpertKey] = set()
+        self._evicted_in_pass: dict[ExpertKey, bool] = {}  # evicted this pass -> it was an unused prefetch for it
+        self._unused_prefetches: dict[ExpertKey, int] = {}  # resident prefetches not yet used -> the pass they are for
+        self._last_layer = -1  # the last MoE layer of this pass served: experts of layers up to it are "left"
         self._queue: deque[tuple[ExpertKey, int]] = deque()  # (key, pass it is for), not yet on the link
         self._queued: set[ExpertKey] = set()
         self._keys = {
@@ -168,6 +174,7 @@ class CacheManager:
         if self.compute is not None:
             self._dense = [self.compute.dense_s(i, info) for i in range(self.num_layers)]
         self._cursor = -1
+        self._last_layer = -1
         self._evicted_in_pass.clear()
         if self._queue:
             self._keep_queued(lambda key, target_pass: target_pass >= self.pass_idx)
@@ -234,6 +241,8 @@ class CacheManager:
         if self.payload is not None:
             self.payload.check()
         t = self._advance_dense(layer)
+        if self._queue:  # the link works on while the layer's attention computes
+            self._pump(self.time, t, self._last_layer)
         self.step += 1
         tick = Tick(self.step, self.pass_idx, layer, t)
         self._drop_queued(layer)
@@ -246,6 +255,7 @@ class CacheManager:
         ready, pending = self._lookup(layer, requests, tick, routing, probs, tally)
         self._enqueue_prefetches(layer, predicted, tick)
         self.time = self._serve(tick, ready, pending, job, tally)
+        self._last_layer = layer
         self._count(layer, len(requests), tally)
         if self.compute is None:  # measured compute: the next dense span is timed from here
             self._wall_mark = self.wall()
@@ -263,8 +273,9 @@ class CacheManager:
         arrival) and the misses waiting for a transfer, in expert order."""
         # The hot path of live runs and replays alike: counts are kept in locals.
         cache, keys, pass_idx, t = self.cache, self._keys[layer], self.pass_idx, tick.time_s
-        evicted_in_pass = self._evicted_in_pass
-        hits = late = misses = collisions = used = 0
+        miss = self.policies.miss
+        evicted_in_pass, unused = self._evicted_in_pass, self._unused_prefetches
+        hits = late = misses = collisions = collisions_prefetched = used = 0
         context: MissContext | None = None
         ready: list[_Pinned] = []
         pending: list[_Waiting] = []
@@ -275,11 +286,21 @@ class CacheManager:
             if entry is None:
                 if context is None:
                     context = self._miss_context(layer, t, routing, probs)
-                key, entry, missed = self._resolve_miss(key, tokens, tick, context, pending, tally)
+                action = miss.on_miss(key, tick, context)
+                if type(action) is Fetch and action.precision == key.precision:  # lossless: fetch what was asked
+                    pending.append((key, expert, tokens))
+                    missed = True
+                else:
+                    key, entry, missed = self._resolve_miss(key, tokens, action, tick, pending, tally)
                 if missed:
                     misses += 1
-                    if keys[expert] in evicted_in_pass or (key is not keys[expert] and key in evicted_in_pass):
+                    was_prefetch = evicted_in_pass.get(keys[expert])
+                    if was_prefetch is None and key is not keys[expert]:
+                        was_prefetch = evicted_in_pass.get(key)
+                    if was_prefetch is not None:
                         collisions += 1
+                        if was_prefetch:
+                            collisions_prefetched += 1
                 if entry is None:
                     continue  # dropped, or waiting for room
                 if not missed:
@@ -294,20 +315,28 @@ class CacheManager:
             if entry.prefetch_pass == pass_idx:
                 used += 1
                 entry.prefetch_pass = 0
+                del unused[key]
             cache.hold(entry)
             cache.touch(key, tick)
             ready.append((entry.ready_at, expert, key, entry, tokens))
         ready.sort()
-        tally.hits, tally.late, tally.misses, tally.collisions, tally.used = hits, late, misses, collisions, used
+        tally.hits, tally.late, tally.misses, tally.used = hits, late, misses, used
+        tally.collisions, tally.collisions_prefetched = collisions, collisions_prefetched
         return ready, pending
 
     def _resolve_miss(
-        self, key: ExpertKey, tokens: int, tick: Tick, context: MissContext, pending: list[_Waiting], tally: _Tally
+        self,
+        key: ExpertKey,
+        tokens: int,
+        action: MissAction,
+        tick: Tick,
+        pending: list[_Waiting],
+        tally: _Tally,
     ) -> tuple[ExpertKey, Entry | None, bool]:
-        """The miss policy's answer for `key`: the copy to use, its entry when resident, and whether the request
-        missed. A fetch that must be transferred joins `pending`; a dropped request has no copy."""
+        """What the miss policy's `action` for `key` means: the copy to use, its entry when resident, and whether
+        the request missed. A fetch that must be transferred joins `pending`; a dropped request has no copy.
+        (`_lookup` handles the commonest action, a fetch at the requested precision, itself.)"""
         miss = self.policies.miss
-        action = miss.on_miss(key, tick, context)
         if type(action) is Fetch:
             if action.precision != key.precision:
                 key = ExpertKey(key.layer, key.expert, action.precision)
@@ -377,7 +406,7 @@ class CacheManager:
                 t = arrival
                 continue
             if queue and waiting == len(pending):
-                self._pump(Tick(step, pass_idx, layer, t))
+                self._pump(t, t, layer)
             if next_landing < len(landing) and (next_ready == len(ready) or landing[next_landing] < ready[next_ready]):
                 ready_at, expert, key, entry, tokens = landing[next_landing]
                 next_landing += 1
@@ -401,7 +430,7 @@ class CacheManager:
                 t += seconds
             cache.release(entry)
         if queue:
-            self._pump(Tick(step, pass_idx, layer, t))
+            self._pump(t, t, layer)
         tally.stall = stall
         return t
 
@@ -413,6 +442,7 @@ class CacheManager:
         counters.late_prefetches += tally.late
         counters.misses += tally.misses
         counters.collision_misses += tally.collisions
+        counters.collision_misses_prefetched += tally.collisions_prefetched
         counters.prefetches_used += tally.used
         counters.drops += tally.drops
         counters.substitutions += tally.substitutions
@@ -464,6 +494,8 @@ class CacheManager:
                     f"prediction target {target!r} from layer {layer} is not a later MoE layer of this "
                     f"pass or a MoE layer of a later pass; MoE layers: {list(self.moe_layers)}"
                 )
+        if len(predicted) == 1:
+            return list(predicted)
         return sorted(predicted, key=lambda target: (target[0], position[target[1]]))
 
     def _enqueue_prefetches(self, layer: int, predicted: Predictions | None, tick: Tick) -> None:
@@ -500,33 +532,40 @@ class CacheManager:
         if self._queue and any(p == pass_idx and key.layer <= layer for key, p in self._queue):
             self._keep_queued(lambda key, p: p > pass_idx or key.layer > layer)
 
-    def _pump(self, tick: Tick) -> None:
-        """Start queued prefetches while the link is idle at `tick` and room can be made."""
-        cache, queue = self.cache, self._queue
-        while queue and self.link.busy_until <= tick.time_s:
+    def _pump(self, start_s: float, until_s: float, left: int) -> None:
+        """Start queued prefetches, in order, at the times from `start_s` to `until_s` when the link is free and room
+        can be made by evicting experts of layers up to `left` (those the pass has computed)."""
+        cache, queue, link = self.cache, self._queue, self.link
+        while queue:
+            begin = link.busy_until if link.busy_until > start_s else start_s
+            if begin > until_s:
+                return
             key, target_pass = queue[0]
             if key in cache:
                 queue.popleft()
                 self._queued.discard(key)
                 continue
             nbytes = cache.nbytes(key)
-            evicted = cache.make_room(nbytes, tick)
+            tick = Tick(self.step, self.pass_idx, left, begin)
+            evicted = cache.make_room(nbytes, tick, left)
             if evicted is None:
-                return  # blocked until pins are released
+                return  # blocked until pins are released or the pass moves on
             queue.popleft()
             self._queued.discard(key)
             self._note_evictions(evicted)
-            finish = self.link.schedule(nbytes, tick.time_s)
+            finish = link.schedule(nbytes, begin)
             cache.insert(key, tick, finish, prefetch_pass=target_pass)
+            self._unused_prefetches[key] = target_pass
             counters = self.stats.layers[key.layer]
             counters.prefetches_issued += 1
             counters.bytes_transferred += nbytes
             self.stats.fetches_by_precision[key.precision] += 1
 
     def _note_evictions(self, evicted: list[ExpertKey]) -> None:
+        pass_idx = self.pass_idx
         for key in evicted:
             self.stats.layers[key.layer].evictions += 1
-            self._evicted_in_pass.add(key)
+            self._evicted_in_pass[key] = self._unused_prefetches.pop(key, 0) == pass_idx
 
     # ---- metrics -------------------------------------------------------------------------------
     def snapshot(self) -> CacheStats:

@@ -2,9 +2,13 @@
 
 Definitions (DESIGN §5): a *request* is one distinct (pass, layer, expert) the routing asks for. A
 *hit* is resident and ready at request time; a *late prefetch* is in flight then (compute stalls for the
-rest); a *miss* is neither. A *collision miss* is a miss on an expert evicted earlier in the same
-forward pass. Prefetch *precision* = prefetched experts requested in their target layer / prefetches
-issued; *recall* = requests served by a prefetch / requests. *Stall* is emulated time compute waited on
+rest); a *miss* is neither. `hit_rate` = hits / requests; `hit_rate_with_late` = (hits + late
+prefetches) / requests, as papers that count in-flight prefetches as hits report it. A *collision miss*
+is a miss on an expert evicted earlier in the same forward pass (`collision_rate` = collision misses /
+requests, the SpecMD paper's figure); by cause, the evicted expert was either a prefetch for this pass
+not yet used (`collision_misses_prefetched`) or an expert resident from an earlier pass
+(`collision_misses_stale`). Prefetch *precision* = prefetched experts requested in their target layer /
+prefetches issued; *recall* = requests served by a prefetch / requests. *Stall* is emulated time compute waited on
 transfers. *TTFT* is the emulated time of a prefill pass (mean over prefills); *tokens/s* is decode
 tokens / decode emulated time; the wall-clock versions sit beside them.
 """
@@ -31,6 +35,7 @@ class LayerCounters:
     late_prefetches: int = 0
     misses: int = 0
     collision_misses: int = 0
+    collision_misses_prefetched: int = 0
     prefetches_issued: int = 0
     prefetches_used: int = 0
     evictions: int = 0
@@ -42,6 +47,9 @@ class LayerCounters:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["hit_rate"] = _ratio(self.hits, self.requests)
+        data["hit_rate_with_late"] = _ratio(self.hits + self.late_prefetches, self.requests)
+        data["collision_rate"] = _ratio(self.collision_misses, self.requests)
+        data["collision_misses_stale"] = self.collision_misses - self.collision_misses_prefetched
         data["prefetch_precision"] = _ratio(self.prefetches_used, self.prefetches_issued)
         data["prefetch_recall"] = _ratio(self.prefetches_used, self.requests)
         return data
@@ -62,7 +70,11 @@ class CacheStats:
     late_prefetches: int
     misses: int
     collision_misses: int
+    collision_misses_prefetched: int
+    collision_misses_stale: int
+    collision_rate: float
     hit_rate: float
+    hit_rate_with_late: float
     prefetches_issued: int
     prefetches_used: int
     prefetch_precision: float
@@ -125,6 +137,9 @@ class StatsRecorder:
         return CacheStats(
             **total,
             hit_rate=_ratio(total["hits"], total["requests"]),
+            hit_rate_with_late=_ratio(total["hits"] + total["late_prefetches"], total["requests"]),
+            collision_rate=_ratio(total["collision_misses"], total["requests"]),
+            collision_misses_stale=total["collision_misses"] - total["collision_misses_prefetched"],
             prefetch_precision=_ratio(total["prefetches_used"], total["prefetches_issued"]),
             prefetch_recall=_ratio(total["prefetches_used"], total["requests"]),
             fetches_by_precision=dict(self.fetches_by_precision),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cache.conftest import PREFILL, make_manager, run_pass
+from tests.cache.conftest import PREFILL, FixedCompute, make_manager, run_pass
 
 US = 1e-6
 
@@ -102,3 +102,60 @@ def test_wall_and_pass_counters() -> None:
     s = m.snapshot()
     assert (s.prefill_passes, s.decode_passes, s.decode_tokens) == (1, 2, 2)
     assert s.wall_ttft_s > 0 and s.wall_tokens_per_s > 0
+
+
+def test_collision_misses_by_cause_and_the_paper_rates() -> None:
+    m = make_manager(capacity_experts=2)
+    run_pass(m, {0: {0: 1, 1: 1}, 1: {0: 1, 1: 1}})
+    run_pass(m, {0: {0: 1, 1: 1}, 1: {0: 1, 1: 1}})  # the two collisions of the test above: stale experts
+    s = m.snapshot()
+    assert (s.collision_misses_stale, s.collision_misses_prefetched) == (2, 0)
+    assert s.collision_rate == pytest.approx(2 / 8) and s.per_layer[1]["collision_rate"] == pytest.approx(2 / 4)
+
+
+def test_a_prefetch_evicted_before_its_layer_runs_is_a_prefetched_collision() -> None:
+    m = make_manager("topk/lru/fetch/standard", capacity_experts=2, layers=(0, 1, 2), top_k=1)
+    six = [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0]]
+    m.begin_pass(PREFILL)
+    # Layer 0: e0 lands at 1 us; the link is then free, so expert 6 of layer 2 starts and lands at 2 us.
+    m.run_layer(0, {0: 1}, {(0, 2): six})
+    # Layer 1 needs two experts in a two-expert cache: e1 evicts e0; e2 waits until e1 is computed, then
+    # evicts the least recent of e1 and the prefetched e6: e6, unused.
+    m.run_layer(1, {1: 1, 2: 1})
+    m.run_layer(2, {6: 1})
+    m.end_pass()
+    s = m.snapshot()
+    assert (s.collision_misses, s.collision_misses_prefetched, s.collision_misses_stale) == (1, 1, 0)
+    assert s.prefetches_issued == 1 and s.prefetches_used == 0
+
+
+def test_hit_rate_with_late_prefetches_counts_in_flight_prefetches_as_papers_do() -> None:
+    m = make_manager("topk/lru/fetch/standard", capacity_experts=4, top_k=2)
+    predicted_for_layer_1 = [[0.0, 0.0, 3.0, 2.0, 0.0, 0.0, 0.0, 0.0]]
+    run_pass(m, {0: {0: 1}, 1: {2: 1, 5: 1}}, predicted={0: predicted_for_layer_1}, info=PREFILL)
+    s = m.snapshot()
+    assert (s.hits, s.late_prefetches, s.requests) == (0, 1, 3)
+    assert (s.hit_rate, s.hit_rate_with_late) == (0.0, pytest.approx(1 / 3))
+
+
+def test_the_link_works_on_while_the_next_layer_computes_attention() -> None:
+    m = make_manager("topk/lru/fetch/standard", capacity_experts=4, top_k=2, compute=FixedCompute(dense=5 * US))
+    predicted_for_layer_1 = [[0.0, 0.0, 3.0, 2.0, 0.0, 0.0, 0.0, 0.0]]  # experts 2 and 3
+    # Layer 0 (attention to 5 us): e0 lands at 6 us; e2 then starts (lands 7 us) while e0 computes (6.5 us).
+    # e3 waits for the link, which frees at 7 us, during layer 1's attention (6.5 to 11.5 us): it lands at
+    # 8 us, before layer 1 looks its experts up, so both are hits.
+    run_pass(m, {0: {0: 1}, 1: {2: 1, 3: 1}}, predicted={0: predicted_for_layer_1}, info=PREFILL)
+    s = m.snapshot()
+    assert s.prefetches_issued == 2 and s.per_layer[1]["hits"] == 2 and s.stall_s == pytest.approx(1 * US)
+
+
+def test_a_prefetch_never_evicts_an_expert_of_a_layer_the_pass_has_yet_to_reach() -> None:
+    m = make_manager("topk/lru/fetch/standard", capacity_experts=2, layers=(0, 1, 2), top_k=1)
+    run_pass(m, {0: {0: 1}, 1: {1: 1}, 2: {2: 1}}, info=PREFILL)  # leaves e1 and e2 resident
+    five = [[0.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0]]
+    # Layer 0 of the next pass evicts e1 (LRU) for e0 and predicts e5 for layer 1. While e0 computes, only e2
+    # (layer 2, not reached) could make room: the prefetch waits for e0 to finish and evicts it instead.
+    run_pass(m, {0: {0: 1}, 1: {5: 1}, 2: {2: 1}}, predicted={0: five})
+    s = m.snapshot()
+    assert s.prefetches_issued == 1 and s.collision_misses == 0
+    assert s.per_layer[2]["hits"] == 1  # e2 survived the prefetch

@@ -78,25 +78,30 @@ def _softmax(row: Sequence[float]) -> list[float]:
 @mypyc_attr(allow_interpreted_subclasses=True)
 class ScorePrefetch(PrefetchPolicy):
     """Score-based: per token, the next layer's experts that together hold the top `percentile`% of the
-    predicted probability mass (softmax of the predicted logits).
+    predicted probability mass (softmax of the predicted logits), at most `cap` x top-k of them.
 
-    The number per layer adapts: a confident prediction needs few experts, a flat one many. Our reading
-    of the paper's "above the 80th percentile of the predicted softmax" is this cumulative-mass rule
-    (a percentile over a single softmax would always pick the same count). The union over the pass's
+    The number per layer adapts: a confident prediction needs few experts, a flat one many, up to the
+    cap (without it, a nearly flat router picks half a layer's experts and floods a small cache). Our
+    reading of the paper's "above the 80th percentile of the predicted softmax" is this cumulative-mass
+    rule (a percentile over a single softmax would always pick the same count). The union over the pass's
     tokens is returned, highest predicted probability first.
     """
 
-    def __init__(self, percentile: float = 80.0) -> None:
+    def __init__(self, percentile: float = 80.0, cap: float = 2.0) -> None:
         if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
             raise ValueError(f"score percentile must be a number in (0, 100], got {percentile!r}")
+        if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap <= 1e6:
+            raise ValueError(f"score cap must be a number in (0, 1e6] (a multiple of top-k), got {cap!r}")
         self.mass = float(percentile) / 100.0
+        self.cap = float(cap)
 
     def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
         best: dict[int, float] = {}
+        limit = math.ceil(route.top_k * self.cap)
         for row in route.logits:
             probs = _softmax(row)
             covered = 0.0
-            for expert in sorted(range(len(probs)), key=probs.__getitem__, reverse=True):
+            for expert in sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:limit]:
                 if probs[expert] > best.get(expert, -1.0):
                     best[expert] = probs[expert]
                 covered += probs[expert]
