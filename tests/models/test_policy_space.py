@@ -13,7 +13,7 @@ from transformers import OlmoeForCausalLM
 
 from specmd import OffloadOLMoE
 from specmd.cache.keys import ExpertKey
-from specmd.cache.policies.spec import NAMED_MIXES, catalog
+from specmd.cache.policies.spec import NAMED_MIXES, SYSTEM_NAMES, catalog
 from specmd.sim import record, replay
 from tests.conftest import EXPERT_BYTES
 
@@ -144,7 +144,7 @@ def test_live_equals_replay_for_every_lossless_mix(checkpoint: Path, tmp_path: P
     assert replayed == live
 
 
-@pytest.mark.parametrize("name", [*NAMED_MIXES, *(f"{n}+ls" for n in NAMED_MIXES)])
+@pytest.mark.parametrize("name", [*NAMED_MIXES, *SYSTEM_NAMES, *(f"{n}+ls" for n in NAMED_MIXES)])
 def test_named_configurations_run_live(checkpoint: Path, name: str) -> None:
     with load(checkpoint, cache_frac=0.1, policy=name) as model:
         model.generate(PROMPT, max_new_tokens=2, do_sample=False)

@@ -27,35 +27,28 @@ _ALIASES: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
 
 DEFAULT_POLICY = "topk/least-stale/fetch/standard"
 
-# Named mixes. The SpecMD paper's Table 1 (config1-5) and Table 2 baselines could not be consulted
-# offline beyond config5 = score/least-stale/fetch/standard; the others are specmd's reading, each
-# following the method its name cites (see the descriptions), so they are easy to check and change.
+# Named mixes: the SpecMD paper's Table 1 configurations (notes/specmd-paper.md), each also under the name of
+# the system it stands for (Table 2's baselines).
 NAMED_MIXES: dict[str, tuple[str, str]] = {
-    "config1": ("none/lru/fetch/standard", "Table 1 ladder: demand loading, LRU eviction (no prefetch)"),
-    "config2": ("topk/lru/fetch/standard", "Table 1 ladder: top-k next-layer prefetch, LRU"),
-    "config3": ("score/lru/fetch/standard", "Table 1 ladder: score-based (probability-mass) prefetch, LRU"),
-    "config4": ("topk/least-stale/fetch/standard", "Table 1 ladder: top-k prefetch, Least-Stale"),
-    "config5": ("score/least-stale/fetch/standard", "SpecMD's proposal: score-based prefetch, Least-Stale"),
-    "eliseev23": (
+    "config1": (
         "topk/lru/fetch/standard",
-        "Eliseev & Mazur 2023 (mixtral-offloading): LRU cache, speculative next-layer gate prefetch; their 2-3 bit "
-        "experts are a store setting (expert_precisions)",
+        "Table 1 config 1 (Eliseev & Mazur 2023, mixtral-offloading): next-layer top-k prefetch, LRU, fetch",
     ),
-    "zhu25": (
-        "none/lfu/substitute/standard",
-        "Zhu et al. 2025 (importance-driven scheduling): substitute low-importance misses with similar cached "
-        "experts; reuse-oriented eviction modelled as LFU",
+    "config2": (
+        "score/score/substitute/standard",
+        "Table 1 config 2 (Zhu et al. 2025): score prefetch, score-based eviction, substitute on a miss",
     ),
-    "hobbit24": (
+    "config3": (
         "lookahead/lhu/cascade/standard",
-        "Tang et al. 2024 (HOBBIT): precision cascade by gating score, multi-layer prefetch, eviction by "
-        "high-precision use",
+        "Table 1 config 3 (HOBBIT, Tang et al. 2024): multi-layer prefetch, LHU, precision cascade",
     ),
-    "mixturecache25": (
+    "config4": (
         "none/lru/fetch/cache-aware",
-        "Skliar et al. (Mixture of Cache-Conditional Experts): cache-aware routing over an LRU cache",
+        "Table 1 config 4 (MixtureCache, Skliar et al. 2025): no prefetch, LRU, cache-aware routing",
     ),
+    "config5": ("score/least-stale/fetch/standard", "Table 1 config 5 (SpecMD): score prefetch, Least-Stale, fetch"),
 }
+SYSTEM_NAMES = {"eliseev23": "config1", "zhu25": "config2", "hobbit24": "config3", "mixturecache25": "config4"}
 LEAST_STALE_SUFFIX = "+ls"
 
 
@@ -65,6 +58,7 @@ def named_mix(name: str) -> str | None:
     least_stale = base.endswith(LEAST_STALE_SUFFIX)
     if least_stale:
         base = base[: -len(LEAST_STALE_SUFFIX)]
+    base = SYSTEM_NAMES.get(base, base)
     if base not in NAMED_MIXES:
         return None
     mix = NAMED_MIXES[base][0]
@@ -128,7 +122,9 @@ def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
             doc = (inspect.getdoc(cls) or "").splitlines()
             rows.append((kind, name, aliases, doc[0] if doc else ""))
     for name, (mix, description) in NAMED_MIXES.items():
-        rows.append(("config", name, (name + LEAST_STALE_SUFFIX,), f"{mix}: {description}"))
+        aliases = [system for system, config in SYSTEM_NAMES.items() if config == name]
+        listed = tuple(label + suffix for label in (name, *aliases) for suffix in ("", LEAST_STALE_SUFFIX))[1:]
+        rows.append(("config", name, listed, f"{mix}: {description}"))
     return rows
 
 
@@ -295,7 +291,7 @@ class PolicySpec:
             value = named_mix(value) or value
             parts = value.split("/")
             if len(parts) != len(KINDS):
-                names = ", ".join(NAMED_MIXES)
+                names = ", ".join([*NAMED_MIXES, *SYSTEM_NAMES])
                 raise ValueError(
                     f"policy {value!r} must have {len(KINDS)} parts, 'prefetch/eviction/miss/routing' "
                     f"(e.g. {DEFAULT_POLICY!r}), or name a configuration: {names} (each also with '+ls')"
