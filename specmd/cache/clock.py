@@ -123,25 +123,32 @@ class ComputeModel(Protocol):
 
 
 class RooflineCompute:
-    """Compute time on a target machine: each kernel takes max(FLOPs / peak, bytes / memory bandwidth)."""
+    """Compute time on a target machine: each kernel takes max(FLOPs / peak, bytes / memory bandwidth), and each
+    decoder layer a fixed `layer_overhead_s` on top per pass (what a calibrated profile adds, see
+    `specmd.cache.hardware.calibrate`)."""
 
-    def __init__(self, shape: ModelShape, peak_flops: float, memory_bandwidth: float) -> None:
+    def __init__(
+        self, shape: ModelShape, peak_flops: float, memory_bandwidth: float, layer_overhead_s: float = 0.0
+    ) -> None:
         if peak_flops <= 0 or memory_bandwidth <= 0:
             raise ValueError(f"peak_flops and memory_bandwidth must be > 0, got {peak_flops}, {memory_bandwidth}")
+        if not layer_overhead_s >= 0:
+            raise ValueError(f"layer_overhead_s must be >= 0, got {layer_overhead_s}")
         self.shape = shape
         self._flops = float(peak_flops)
         self._bandwidth = float(memory_bandwidth)
+        self._overhead = float(layer_overhead_s)
 
     def _roofline(self, flops: float, nbytes: float) -> float:
         return max(flops / self._flops, nbytes / self._bandwidth)
 
     def dense_s(self, layer: int, step: PassInfo) -> float:
-        """Attention, norms, router and any dense MLP of one decoder layer."""
+        """Attention, norms, router and any dense MLP of one decoder layer, and the layer's fixed overhead."""
         s = self.shape
         params = s.dense_params[layer]
         flops = 2.0 * step.tokens * params + 4.0 * s.hidden_size * step.attended
         nbytes = (params + 2.0 * s.kv_dim * step.context) * s.dtype_bytes
-        return self._roofline(flops, nbytes)
+        return self._roofline(flops, nbytes) + self._overhead
 
     def expert_s(self, nbytes: int, tokens: int) -> float:
         """One routed expert applied to `tokens` tokens, its weights `nbytes` long."""

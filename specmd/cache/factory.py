@@ -12,11 +12,12 @@ from specmd.cache.policies.spec import KINDS
 
 
 def compute_model(layout: ExpertLayout, config: CacheConfig) -> ComputeModel:
-    """Emulated compute: the hardware profile's roofline over the layout's model shape (none known: no time)."""
+    """Emulated compute: the hardware profile's roofline (and per-layer overhead) over the layout's model shape;
+    with no shape known, compute takes no time."""
     if layout.shape is None:
         return ZeroCompute()
     profile = config.profile
-    return RooflineCompute(layout.shape, profile.peak_flops, profile.memory_bandwidth)
+    return RooflineCompute(layout.shape, profile.peak_flops, profile.memory_bandwidth, profile.layer_overhead_s)
 
 
 def build_manager(
