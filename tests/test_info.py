@@ -1,4 +1,4 @@
-"""`specmd info`: the four real models' expert figures from their configs alone (hand-written fixtures)."""
+"""`specmd info`: the four real models' expert figures from their configs alone (the bundled configs)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from rich.console import Console
 
 from specmd import cli
-from specmd.offload_models.info import CAPACITY_FRACTIONS, load_config, model_info
+from specmd.offload_models.info import BUNDLED_CONFIGS, CAPACITY_FRACTIONS, load_config, model_info
 
-CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+CONFIGS = BUNDLED_CONFIGS
 # name: (model_type, layers, experts per layer, top-k, bf16 bytes per expert, published total parameters)
 REAL_MODELS = {
     "olmoe-1b-7b": ("olmoe", 16, 64, 8, 3 * 2048 * 1024 * 2, 6.9e9),

@@ -8,7 +8,7 @@ imports no torch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from specmd.cache.clock import ModelShape
@@ -114,6 +114,39 @@ class ExpertLayout:
         The fast memory a fraction stands for does not grow when experts are stored at lower precisions.
         """
         return int(cache_frac * self.full_bytes)
+
+    def priced_like(self, model: ExpertLayout) -> ExpertLayout:
+        """This layout's routing structure (layers, experts, top-k: what a trace records) priced as `model`'s.
+
+        An expert at this layout's full precision weighs what one of `model`'s weighs at its full precision, and
+        at any other precision what one of `model`'s weighs at that precision; a cache fraction counts them at
+        `model`'s full precision; every decoder layer computes like `model`'s average decoder layer and the head
+        like `model`'s head. `model` must carry its shape and store this layout's other precisions.
+        """
+        if model.shape is None:
+            raise ValueError("pricing a layout like a model needs that model's shape")
+        sizes = dict(model.expert_bytes) | {self.full_precision: model.full_expert_bytes}
+        missing = sorted(set(self.expert_bytes) - set(sizes))
+        if missing:
+            stored = sorted(model.expert_bytes)
+            raise ValueError(f"the model to price like does not store {missing}; it stores {stored}")
+        target = model.shape
+        dense = round(sum(target.dense_params) / target.num_layers)
+        shape = ModelShape(
+            num_layers=self.num_layers,
+            hidden_size=target.hidden_size,
+            kv_dim=target.kv_dim,
+            dense_params=(dense,) * self.num_layers,
+            head_params=target.head_params,
+            expert_params=target.expert_params,
+            dtype_bytes=target.dtype_bytes,
+        )
+        return replace(
+            self,
+            expert_bytes={name: sizes[name] for name in self.expert_bytes},
+            full_expert_bytes=model.full_expert_bytes,
+            shape=shape,
+        )
 
     def catalog(self) -> list[ExpertKey]:
         """Every expert at the precision requests use, layer by layer."""

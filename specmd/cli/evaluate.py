@@ -58,6 +58,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         policy=args.policy,
         bandwidth_gbps=args.bandwidth_gbps,
         hardware=args.hardware,
+        shape_from=args.shape_from,
+        expert_precisions=tuple(args.precisions.split(",")) if args.precisions else None,
         dtype=args.dtype,
         device=args.device,
         batch_size=args.batch_size,

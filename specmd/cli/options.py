@@ -121,11 +121,32 @@ def add_hardware(
         parser.add_argument("--hardware", default=DEFAULT_HARDWARE, help=text)
 
 
+def add_shape_from(parser: argparse.ArgumentParser, *, many: bool = False, routing: str = "the trace's") -> None:
+    """--shape-from: price experts and compute as another model's (a config.json, directory, hub id or bundled name)."""
+    from specmd.offload_models.info import bundled_configs
+
+    parser.add_argument(
+        "--shape-from",
+        nargs="+" if many else None,
+        metavar="CONFIG",
+        help="price every expert and layer as this model's: a config.json, a checkpoint directory, a hub id or one "
+        f"of {', '.join(bundled_configs())} ({routing} routing is kept)",
+    )
+
+
+def priced_as(name: str) -> Any:
+    """The `ExpertLayout` a `--shape-from` value names."""
+    from specmd.offload_models.info import expert_layout, load_config
+
+    return expert_layout(load_config(name))
+
+
 def add_offload_options(parser: argparse.ArgumentParser, bandwidth: float | None) -> None:
     """What a live run's offloaded model is built with (`load_model`): cache size, link, hardware, precisions."""
     add_cache_size(parser)
     add_link(parser, bandwidth)
     add_hardware(parser)
+    add_shape_from(parser, routing="the model's")
     add_dtype(parser)
     parser.add_argument(
         "--precisions",
@@ -144,6 +165,7 @@ def load_model(args: argparse.Namespace, policy: str) -> Any:
         policy=policy,
         bandwidth_gbps=args.bandwidth_gbps,
         hardware=args.hardware,
+        shape_from=args.shape_from,
         expert_precisions=tuple(args.precisions.split(",")) if args.precisions else None,
         dtype=torch_dtype(args.dtype),
         progress=not args.json,

@@ -78,6 +78,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     options.add_hardware(replay, "hardware profile ({profiles})")
     replay.add_argument("--experts-per-layer", type=int, help="for traces whose header lacks it")
     replay.add_argument("--expert-bytes", type=int, help="bytes of one expert, for traces whose header lacks it")
+    options.add_shape_from(replay)
     options.add_output(replay)
     replay.set_defaults(func=cmd_replay)
 
@@ -86,6 +87,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from specmd.sim.replay import replay
     from specmd.sim.trace import load_trace
 
+    if args.shape_from and args.expert_bytes:
+        raise ValueError("--shape-from prices every expert as that model's; give it or --expert-bytes, not both")
     trace = load_trace(args.trace, experts_per_layer=args.experts_per_layer, expert_bytes=args.expert_bytes)
     stats = replay(
         trace,
@@ -94,6 +97,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         bandwidth_gbps=args.bandwidth_gbps,
         link_latency_s=None if args.link_latency_us is None else args.link_latency_us * 1e-6,
         hardware=args.hardware,
+        price_as=options.priced_as(args.shape_from) if args.shape_from else None,
     )
     payload = {"trace": args.trace, "trace_sha256": trace.sha256, "policy": args.policy, "stats": stats.to_dict()}
     output.emit(args, payload)
@@ -110,6 +114,7 @@ def _add_sweep(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sweep.add_argument("--cache-frac", type=float, nargs="+", help="capacities as fractions of all expert bytes")
     options.add_link(sweep, many=True)
     options.add_hardware(sweep, "hardware profiles (default: {default})", many=True)
+    options.add_shape_from(sweep, many=True)
     sweep.add_argument("--no-baselines", action="store_true", help="leave out the Belady and unbounded runs")
     sweep.add_argument("--out", required=True, help="results CSV (existing rows are kept and skipped)")
     sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
@@ -126,6 +131,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "cache_fracs": args.cache_frac,
         "bandwidths": args.bandwidth_gbps,
         "hardware": args.hardware,
+        "shape_from": args.shape_from,
     }
     if args.grid:
         grid = SweepGrid.from_toml(args.grid, **given)
@@ -137,7 +143,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid = SweepGrid(**{k: tuple(v) for k, v in given.items() if v})
     if args.no_baselines:
         grid = SweepGrid(**{**grid.__dict__, "baselines": False})
-    rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json)
+    shapes = {name: options.priced_as(name) for name in grid.shape_from if name}
+    rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json, shapes=shapes)
     output.emit(args, {"results": args.out, "new_runs": len(rows), "runs": len(grid.runs())})
     if not args.json:
         cli.out.print(f"{len(rows)} new runs of {len(grid.runs())} written to {args.out}")

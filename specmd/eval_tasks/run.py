@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from specmd.cache.hardware import DEFAULT_HARDWARE
 from specmd.eval_tasks import MODEL_NAME, TASK_DIR
 from specmd.eval_tasks.data import FIXTURES, data_root
 
@@ -25,7 +26,9 @@ def evaluate(
     cache_bytes: int | None = None,
     policy: str | None = None,
     bandwidth_gbps: float | None = 5.0,
-    hardware: str = "a100",
+    hardware: str = DEFAULT_HARDWARE,
+    shape_from: str | None = None,
+    expert_precisions: tuple[str, ...] | None = None,
     dtype: str = "auto",
     device: str | None = None,
     batch_size: int = 1,
@@ -37,7 +40,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate `model` (a checkpoint, hub id or "default") on lm_eval `tasks`; lm_eval's results dict.
 
-    `data` is where specmd's tasks read documents: "fixtures", "hub" or a JSONL directory (`data.py`).
+    `data` is where specmd's tasks read documents: "fixtures", "hub" or a JSONL directory (`data.py`); the
+    cache settings are `from_pretrained`'s.
     """
     data_root(data)  # a bad source fails now, not after the model has loaded
     import lm_eval
@@ -51,6 +55,8 @@ def evaluate(
         "cache_bytes": cache_bytes,
         "bandwidth_gbps": bandwidth_gbps,
         "hardware": hardware,
+        "shape_from": shape_from,
+        "expert_precisions": expert_precisions,
         "dtype": dtype,
         "progress": progress,
     }

@@ -142,6 +142,7 @@ class OffloadMixin:
         expert_precisions: tuple[str, ...] | None = None,
         storage: str = "ram",
         predictor: str | None = None,
+        shape_from: str | None = None,
         progress: bool = True,
         **kwargs: Any,
     ) -> Any:
@@ -168,6 +169,7 @@ class OffloadMixin:
             expert_precisions=expert_precisions,
             storage=storage,
             predictor=predictor,
+            shape_from=shape_from,
             progress=progress,
         )
         want_info = kwargs.pop("output_loading_info", False)
@@ -178,6 +180,11 @@ class OffloadMixin:
                 pretrained_model_name_or_path, **{k: v for k, v in hub.items() if v is not None}
             )
         cls._check_config(config)
+        price_as = None
+        if options.shape_from is not None:
+            from specmd.offload_models.info import expert_layout, load_config  # info imports every architecture
+
+            price_as = expert_layout(load_config(options.shape_from))
         experts = ExpertCheckpoint(
             checkpoint_files(pretrained_model_name_or_path, **hub),
             cls.arch.checkpoint,
@@ -193,7 +200,7 @@ class OffloadMixin:
                 raise CheckpointError(
                     f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {missing[0]}"
                 )
-            model._attach_cache(options, experts)
+            model._attach_cache(options, experts, price_as)
         except BaseException:
             model.close()
             raise
@@ -210,7 +217,9 @@ class OffloadMixin:
         if not cls.arch.moe_layers(config):
             raise ValueError(f"this {model_type} checkpoint has no MoE layers: there are no experts to offload")
 
-    def _attach_cache(self, options: OffloadOptions, experts: ExpertCheckpoint) -> None:
+    def _attach_cache(
+        self, options: OffloadOptions, experts: ExpertCheckpoint, price_as: ExpertLayout | None = None
+    ) -> None:
         config, arch = self.config, self.arch
         devices = {p.device for p in self.parameters()}
         if len(devices) != 1:
@@ -225,6 +234,9 @@ class OffloadMixin:
         # cache_frac is a fraction of every routed expert at full precision (the model's dtype), whatever
         # precisions are stored: the fast memory it stands for does not grow when experts shrink.
         layout = arch.layout(config, precisions, native, self._model_shape(shape))
+        real_bytes = layout.expert_bytes
+        if price_as is not None:  # the emulation prices experts and compute as that model's
+            layout = layout.priced_like(price_as)
         manager = build_manager(layout, options, measured_compute=options.compute_time == "measured")
         if not manager.policies.routing.neutral and arch.router_contract is None:
             raise ValueError(
@@ -242,7 +254,10 @@ class OffloadMixin:
             options.storage, experts, list(formats.values()), shape,
             pin=device.type == "cuda", progress=options.progress, copies=copies,
         )  # fmt: skip
-        arena = SlotArena(manager.cache.capacity_bytes, layout.expert_bytes.values(), device)
+        # The arena holds real experts: as many as the (possibly priced) capacity admits, at their real sizes.
+        capacity = manager.cache.capacity_bytes
+        real_capacity = max(-(-capacity * real_bytes[p] // layout.expert_bytes[p]) for p in precisions)
+        arena = SlotArena(real_capacity, real_bytes.values(), device)
         watchdog = Watchdog()
         try:
             manager.attach(LivePayload(store, arena, watchdog, copier_for(device), formats, shape))
@@ -251,6 +266,7 @@ class OffloadMixin:
                 "model": config.name_or_path or None,
                 "model_type": config.model_type,
                 **layout.to_header(),
+                "priced_as": options.shape_from,
                 "predictor": options.predictor or DEFAULT_PREDICTOR,
                 "specmd_version": __version__,
             }

@@ -1,20 +1,25 @@
-"""What a model's routed experts weigh, from its config alone: the figures `specmd info` prints.
+"""What a model's routed experts weigh and how it computes, from its config alone: the figures `specmd info`
+prints, and the layout `--shape-from` prices a trace with.
 
-No weights are read, so the real models' sizes can be checked before anything is downloaded.
+No weights are read, so the real models' sizes can be checked before anything is downloaded. The configs
+of the four models the SpecMD paper studies ship with specmd (`BUNDLED_CONFIGS`: olmoe-1b-7b, mixtral-8x7b,
+qwen1.5-moe-a2.7b, phi-3.5-moe), so they can be named without a download.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from specmd.cache.clock import ModelShape
+from specmd.cache.layout import ExpertLayout
 from specmd.offload_models.auto import AutoOffloadForCausalLM
-from specmd.quant.formats import precision_of_dtype, registered_formats
+from specmd.quant.formats import ExpertFormat, ExpertShape, get_format, precision_of_dtype, registered_formats
 
 CAPACITY_FRACTIONS = (0.01, 0.05, 0.25)
 
@@ -76,16 +81,69 @@ class ModelInfo:
         return asdict(self) | {"routed_experts": self.routed_experts}
 
 
+BUNDLED_CONFIGS = Path(__file__).parents[1] / "data" / "configs"
+
+
+def bundled_configs() -> list[str]:
+    """The names of the real models' configs that ship with specmd."""
+    return sorted(path.parent.name for path in BUNDLED_CONFIGS.glob("*/config.json"))
+
+
 def load_config(model_or_config: str | os.PathLike[str]) -> PretrainedConfig:
-    """The config of a checkpoint directory, a config.json file or a hub id (no weights are read)."""
+    """The config of a checkpoint directory, a config.json file, a bundled config's name or a hub id (no weights
+    are read)."""
     text = str(model_or_config)
     path = Path(text).expanduser()
+    if not path.exists() and text in bundled_configs():
+        path = BUNDLED_CONFIGS / text
     if not path.exists() and (path.is_absolute() or text.startswith((".", "~")) or path.suffix == ".json"):
         # transformers would take it for a hub id and complain about the id's form
         raise FileNotFoundError(
-            f"{text}: no such file or directory (give a checkpoint directory, a config.json or a hub id)"
+            f"{text}: no such file or directory (give a checkpoint directory, a config.json, a hub id or one of "
+            f"the bundled configs: {', '.join(bundled_configs())})"
         )
     return AutoConfig.from_pretrained(path if path.exists() else text)
+
+
+def full_precision(config: PretrainedConfig) -> str:
+    """The precision a model of `config` loads in by default: its config's dtype (torch's default when unsaid)."""
+    dtype = getattr(config, "dtype", None)
+    try:
+        return precision_of_dtype(dtype) if dtype is not None else precision_of_dtype(torch.get_default_dtype())
+    except ValueError:
+        return precision_of_dtype(torch.get_default_dtype())
+
+
+def model_shape(config: PretrainedConfig) -> ModelShape:
+    """The compute shape of a model of `config` (what the roofline prices), counted on the meta device: the
+    model is built without memory or weights."""
+    cls = AutoOffloadForCausalLM.class_for(getattr(config, "model_type", None))
+    with torch.device("meta"):
+        model = cls(config)
+    shape = model._model_shape(cls.arch.expert_shape(config))
+    return replace(shape, dtype_bytes=int(get_format(full_precision(config)).bits) // 8)  # as the checkpoint runs
+
+
+def expert_layout(config: PretrainedConfig, precisions: tuple[str, ...] | None = None) -> ExpertLayout:
+    """The expert layout of a model of `config` with its compute shape: what `--shape-from` prices a trace as.
+
+    Its experts are stored at `precisions` (default: its own dtype first, then every other precision that can
+    store them, so any trace's precisions can be priced).
+    """
+    cls = AutoOffloadForCausalLM.class_for(getattr(config, "model_type", None))
+    full = full_precision(config)
+    if precisions is None:
+        shape = cls.arch.expert_shape(config)
+        precisions = (full, *(fmt.name for fmt in registered_formats() if fmt.name != full and _stores(fmt, shape)))
+    return cls.arch.layout(config, precisions, full, model_shape(config))
+
+
+def _stores(fmt: ExpertFormat, shape: ExpertShape) -> bool:
+    try:
+        fmt.nbytes(shape)
+    except ValueError:  # a shape the format cannot store
+        return False
+    return True
 
 
 def model_info(config: PretrainedConfig) -> ModelInfo:
@@ -98,16 +156,15 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
         stored = precision_of_dtype(dtype) if dtype is not None else None
     except ValueError:
         stored = None
-    full = stored or precision_of_dtype(torch.get_default_dtype())
+    full = full_precision(config)
     layout = arch.layout(config, (full,), full)
     count = layout.routed_experts
     capacities_bytes = [(frac, layout.bytes_of_fraction(frac)) for frac in CAPACITY_FRACTIONS]
     precisions = []
     for fmt in registered_formats():
-        try:
-            one = fmt.nbytes(shape)
-        except ValueError:  # a shape the format cannot store
+        if not _stores(fmt, shape):
             continue
+        one = fmt.nbytes(shape)
         capacities = tuple(Capacity(frac, nbytes, min(nbytes // one, count)) for frac, nbytes in capacities_bytes)
         precisions.append(PrecisionSizes(fmt.name, one, count * one, capacities))
     return ModelInfo(

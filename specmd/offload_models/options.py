@@ -23,12 +23,15 @@ class OffloadOptions(CacheConfig):
             requests use, the others are there for miss policies. None = the model's own dtype (lossless).
             Aliases resolve to the format's name (int4 -> nf4, int2 -> hqq2).
         storage: the storage tier that holds every expert's copies ("ram").
+        shape_from: price the experts and compute as this model's in the emulation (a config.json, a checkpoint
+            directory, a hub id or a bundled config's name); None = as this model's own.
         progress: show a progress bar while experts load.
     """
 
     compute_time: str = "profile"
     expert_precisions: tuple[str, ...] | None = None
     storage: str = "ram"
+    shape_from: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -56,6 +59,8 @@ class OffloadOptions(CacheConfig):
             raise ValueError(f"storage {self.storage!r} is not available; available: {', '.join(STORAGE_TIERS)}")
         if self.predictor is not None:
             check_predictor(self.predictor)
+        if self.shape_from is not None and not (isinstance(self.shape_from, str) and self.shape_from):
+            raise ValueError(f"shape_from must name a model's config, got {self.shape_from!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

@@ -13,6 +13,7 @@ from typing import Any
 from specmd.cache.config import CacheConfig
 from specmd.cache.factory import build_manager
 from specmd.cache.hardware import DEFAULT_HARDWARE
+from specmd.cache.layout import ExpertLayout
 from specmd.cache.manager import NEXT_LAYER, CacheManager
 from specmd.cache.policies.base import Future
 from specmd.cache.policies.spec import KINDS
@@ -45,9 +46,10 @@ def replay_predictor(trace: Trace, config: CacheConfig) -> str:
     return predictor
 
 
-def build_replay(trace: Trace, config: CacheConfig) -> tuple[CacheManager, str]:
-    """A fresh manager sized and configured for replaying `trace` under `config`, and the predictor it replays."""
-    layout = trace.layout
+def build_replay(trace: Trace, config: CacheConfig, price_as: ExpertLayout | None = None) -> tuple[CacheManager, str]:
+    """A fresh manager sized and configured for replaying `trace` under `config` (its experts and compute priced
+    as `price_as`'s model when given), and the predictor it replays."""
+    layout = trace.layout if price_as is None else trace.layout.priced_like(price_as)
     predictor = replay_predictor(trace, config)
     spec, policies = config.policy, config.policy.build()
     if not policies.routing.neutral:
@@ -73,9 +75,9 @@ def build_replay(trace: Trace, config: CacheConfig) -> tuple[CacheManager, str]:
     return manager, predictor
 
 
-def run_trace(trace: Trace, config: CacheConfig) -> CacheStats:
-    """Replay every pass of `trace` under `config`."""
-    manager, predictor = build_replay(trace, config)
+def run_trace(trace: Trace, config: CacheConfig, price_as: ExpertLayout | None = None) -> CacheStats:
+    """Replay every pass of `trace` under `config`, priced as `price_as`'s model when given."""
+    manager, predictor = build_replay(trace, config, price_as)
     begin, run_layer, end = manager.begin_pass, manager.run_layer, manager.end_pass
     routing, probs = manager.wants_routing, manager.wants_probs  # as live: computed only for policies that read them
     for replay_pass in trace.passes(predictor):
@@ -103,12 +105,15 @@ def replay(
     link_latency_s: float | None = None,
     hardware: str = DEFAULT_HARDWARE,
     predictor: str | None = None,
+    price_as: ExpertLayout | None = None,
 ) -> CacheStats:
     """Replay `trace` (a `Trace` or a .jsonl/.npz path) with a policy mix and a cache size.
 
     `bandwidth_gbps` defaults to the hardware profile's link ("profile"); None means native speed
     (transfers take no emulated time), as for a live model. `predictor` picks whose recorded predictions
-    logit-based prefetch uses ("next-layer", or the trace's own; default: the one it was recorded with). Example::
+    logit-based prefetch uses ("next-layer", or the trace's own; default: the one it was recorded with).
+    `price_as` (a model's `ExpertLayout`, e.g. `specmd.offload_models.info.expert_layout(load_config("olmoe-1b-7b"))`)
+    prices the trace's experts and compute as that model's, keeping its routing. Example::
 
         stats = specmd.sim.replay("trace.jsonl", policy="topk/least-stale/fetch/standard",
                                   cache_frac=0.05, bandwidth_gbps=5.0)
@@ -122,4 +127,4 @@ def replay(
         hardware=hardware,
         predictor=predictor,
     )
-    return run_trace(trace if isinstance(trace, Trace) else load_trace(trace), config)
+    return run_trace(trace if isinstance(trace, Trace) else load_trace(trace), config, price_as)

@@ -41,10 +41,10 @@ def label(row: dict[str, Any]) -> str:
     return "/".join(parts)
 
 
-def _settings(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+def _settings(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[(row["trace"], row["hardware"], row["bandwidth_gbps"])].append(row)
+        groups[(row["trace"], row["hardware"], row["bandwidth_gbps"], row["shape_from"])].append(row)
     return dict(groups)
 
 
@@ -58,10 +58,11 @@ def report(results: str | os.PathLike[str], out: str | os.PathLike[str]) -> list
     written: list[Path] = []
     lines = [f"# specmd report\n\nFrom `{results}`: {len(rows)} runs.\n"]
     settings = _settings(rows)
-    for index, ((trace, hardware, bandwidth), group) in enumerate(sorted(settings.items()), start=1):
+    for index, ((trace, hardware, bandwidth, shape), group) in enumerate(sorted(settings.items()), start=1):
         prefix = "" if len(settings) == 1 else f"{index}-"
         link = "native-speed link" if bandwidth == "native" else f"{bandwidth} GB/s link"
-        lines.append(f"## {trace}, {hardware}, {link}\n")
+        priced = f", priced as {shape}" if shape else ""
+        lines.append(f"## {trace}{priced}, {hardware}, {link}\n")
         lines += _tables(group)
         for name, draw in FIGURES:
             path = target / f"{prefix}{name}.png"

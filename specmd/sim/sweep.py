@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from specmd import __version__
 from specmd.cache import config as cache_config
 from specmd.cache.hardware import DEFAULT_HARDWARE
+from specmd.cache.layout import ExpertLayout
 from specmd.cache.policies.spec import PolicySpec
 from specmd.cache.stats import CacheStats
 from specmd.sim.replay import run_trace
@@ -32,7 +34,7 @@ BELADY = "none/belady/fetch/standard"
 UNBOUNDED = "none/lru/fetch/standard"
 NATIVE = "native"
 
-KEY_COLUMNS = ["trace_sha256", "policy", "cache_frac", "bandwidth_gbps", "hardware"]
+KEY_COLUMNS = ["trace_sha256", "policy", "cache_frac", "bandwidth_gbps", "hardware", "shape_from"]
 STAT_COLUMNS = [f.name for f in fields(CacheStats)]
 COLUMNS = [
     "trace", *KEY_COLUMNS, "baseline", "prefetch", "eviction", "miss", "routing", "specmd_version", *STAT_COLUMNS,
@@ -62,6 +64,7 @@ class SweepGrid:
         cache_fracs: cache capacities as fractions of all expert bytes.
         bandwidths: link bandwidths in GB/s, "profile" (the hardware's link) or "native"/None.
         hardware: hardware profile names.
+        shape_from: models to price the traces as ("" = as recorded); `sweep` is given their layouts.
         baselines: add Belady and the unbounded cache.
     """
 
@@ -70,10 +73,11 @@ class SweepGrid:
     cache_fracs: tuple[float, ...]
     bandwidths: tuple[float | str | None, ...] = (cache_config.PROFILE,)
     hardware: tuple[str, ...] = (DEFAULT_HARDWARE,)
+    shape_from: tuple[str, ...] = ("",)
     baselines: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("traces", "policies", "cache_fracs", "bandwidths", "hardware"):
+        for name in ("traces", "policies", "cache_fracs", "bandwidths", "hardware", "shape_from"):
             if not getattr(self, name):
                 raise ValueError(f"a sweep needs at least one value of {name}")
         object.__setattr__(self, "bandwidths", tuple(_bandwidth(b) for b in self.bandwidths))
@@ -86,14 +90,14 @@ class SweepGrid:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> SweepGrid:
-        """Read a grid file (keys: traces, policies, cache_frac, bandwidth_gbps, hardware, baselines)."""
+        """Read a grid file (keys: traces, policies, cache_frac, bandwidth_gbps, hardware, shape_from, baselines)."""
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # pragma: no cover
             import tomli as tomllib
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
-        known = {"traces", "policies", "cache_frac", "bandwidth_gbps", "hardware", "baselines"}
+        known = {"traces", "policies", "cache_frac", "bandwidth_gbps", "hardware", "shape_from", "baselines"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown key {unknown[0]!r}; a grid has {', '.join(sorted(known))}")
@@ -103,6 +107,7 @@ class SweepGrid:
             "cache_fracs": data.get("cache_frac", ()),
             "bandwidths": data.get("bandwidth_gbps", (cache_config.PROFILE,)),
             "hardware": data.get("hardware", (DEFAULT_HARDWARE,)),
+            "shape_from": data.get("shape_from", ("",)),
             "baselines": data.get("baselines", True),
         }
         values.update({k: v for k, v in overrides.items() if v})
@@ -111,16 +116,14 @@ class SweepGrid:
     def runs(self) -> list[Run]:
         """Every run of the grid, baselines included, without duplicates."""
         runs: dict[tuple, Run] = {}
-        for trace in self.traces:
-            for hardware in self.hardware:
-                for bandwidth in self.bandwidths:
-                    settings = [(p, f, "") for p in self.policies for f in self.cache_fracs]
-                    if self.baselines:
-                        settings += [(BELADY, f, "belady") for f in self.cache_fracs]
-                        settings.append((UNBOUNDED, 1.0, "unbounded"))
-                    for policy, frac, baseline in settings:
-                        run = Run(trace, policy, frac, bandwidth, hardware, baseline)
-                        runs.setdefault(run.key, run)
+        settings = [(p, f, "") for p in self.policies for f in self.cache_fracs]
+        if self.baselines:
+            settings += [(BELADY, f, "belady") for f in self.cache_fracs]
+            settings.append((UNBOUNDED, 1.0, "unbounded"))
+        for trace, hardware, bandwidth, shape in product(self.traces, self.hardware, self.bandwidths, self.shape_from):
+            for policy, frac, baseline in settings:
+                run = Run(trace, policy, frac, bandwidth, hardware, shape, baseline)
+                runs.setdefault(run.key, run)
         return list(runs.values())
 
 
@@ -133,11 +136,13 @@ class Run:
     cache_frac: float
     bandwidth_gbps: float | str | None
     hardware: str
+    shape_from: str = ""
     baseline: str = field(default="", compare=False)
 
     @property
     def key(self) -> tuple:
-        return (self.trace, self.policy, float(self.cache_frac), _bandwidth_label(self.bandwidth_gbps), self.hardware)
+        bandwidth = _bandwidth_label(self.bandwidth_gbps)
+        return (self.trace, self.policy, float(self.cache_frac), bandwidth, self.hardware, self.shape_from)
 
 
 _TRACES: dict[str, Trace] = {}  # loaded once in the parent; forked workers inherit them
@@ -151,13 +156,13 @@ def _trace(path: str) -> Trace:
     return _TRACES[path]
 
 
-def run_one(run: Run) -> dict[str, Any]:
-    """Replay one run; its CSV row."""
+def run_one(run: Run, price_as: ExpertLayout | None = None) -> dict[str, Any]:
+    """Replay one run (its trace priced as `price_as`'s model when given, for `run.shape_from`); its CSV row."""
     trace = _trace(run.trace)
     config = cache_config.CacheConfig(
         cache_frac=run.cache_frac, policy=run.policy, bandwidth_gbps=run.bandwidth_gbps, hardware=run.hardware
     )
-    stats = run_trace(trace, config).to_dict()
+    stats = run_trace(trace, config, price_as).to_dict()
     stats["per_layer"] = json.dumps(stats["per_layer"])
     stats["fetches_by_precision"] = json.dumps(stats["fetches_by_precision"])
     spec = config.policy
@@ -168,6 +173,7 @@ def run_one(run: Run) -> dict[str, Any]:
         "cache_frac": float(run.cache_frac),
         "bandwidth_gbps": _bandwidth_label(run.bandwidth_gbps),
         "hardware": run.hardware,
+        "shape_from": run.shape_from,
         "baseline": run.baseline,
         **{kind: str(getattr(spec, kind)) for kind in ("prefetch", "eviction", "miss", "routing")},
         "specmd_version": __version__,
@@ -189,19 +195,30 @@ def _row_key(row: Mapping[str, Any]) -> tuple:
 
 
 def sweep(
-    grid: SweepGrid, out: str | os.PathLike[str], *, jobs: int | None = None, progress: bool = True
+    grid: SweepGrid,
+    out: str | os.PathLike[str],
+    *,
+    jobs: int | None = None,
+    progress: bool = True,
+    shapes: Mapping[str, ExpertLayout] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every run of `grid` not already in the CSV `out`, appending a row as each finishes.
 
-    Returns the new rows. `jobs` worker processes (default: one per core) share the work.
+    Returns the new rows. `jobs` worker processes (default: one per core) share the work. `shapes` gives the
+    layout of each model the grid's `shape_from` names (`specmd.offload_models.info.expert_layout`).
     """
+    shapes = dict(shapes or {})
+    unknown = sorted(name for name in grid.shape_from if name and name not in shapes)
+    if unknown:
+        raise ValueError(f"the grid prices traces as {unknown}, whose layouts `shapes` does not give")
     target = Path(out)
     done = {_row_key(row) for row in read_results(target)} if target.exists() else set()
     todo = []
     for run in grid.runs():
         trace = _trace(run.trace)  # also checks every trace up front
         probe = {"trace_sha256": trace.sha256, "policy": run.policy, "cache_frac": run.cache_frac,
-                 "bandwidth_gbps": _bandwidth_label(run.bandwidth_gbps), "hardware": run.hardware}  # fmt: skip
+                 "bandwidth_gbps": _bandwidth_label(run.bandwidth_gbps), "hardware": run.hardware,
+                 "shape_from": run.shape_from}  # fmt: skip
         if _row_key(probe) not in done:
             todo.append(run)
     new_rows: list[dict[str, Any]] = []
@@ -211,7 +228,7 @@ def sweep(
         if fresh:
             writer.writeheader()
         bar = tqdm(total=len(todo), desc="specmd sweep", unit="run", disable=not progress)
-        for row in _execute(todo, jobs):
+        for row in _execute(todo, jobs, shapes):
             writer.writerow(row)
             handle.flush()  # an interrupted sweep keeps every finished row
             new_rows.append(row)
@@ -220,13 +237,14 @@ def sweep(
     return new_rows
 
 
-def _execute(runs: Sequence[Run], jobs: int | None) -> Iterable[dict[str, Any]]:
+def _execute(runs: Sequence[Run], jobs: int | None, shapes: Mapping[str, ExpertLayout]) -> Iterable[dict[str, Any]]:
     workers = min(jobs or os.cpu_count() or 1, len(runs))
     if workers <= 1:
-        yield from map(run_one, runs)
+        for run in runs:
+            yield run_one(run, shapes.get(run.shape_from))
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        futures = [pool.submit(run_one, run) for run in runs]
+        futures = [pool.submit(run_one, run, shapes.get(run.shape_from)) for run in runs]
         for future in as_completed(futures):
             yield future.result()

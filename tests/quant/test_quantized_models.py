@@ -137,7 +137,7 @@ def test_capacity_must_hold_the_largest_stored_expert(checkpoint: Path) -> None:
 
 
 def test_info_counts_capacity_at_full_precision() -> None:
-    olmoe = model_info(load_config(Path(__file__).parents[1] / "fixtures" / "configs" / "olmoe-1b-7b"))
+    olmoe = model_info(load_config("olmoe-1b-7b"))
     sizes = {p.precision: p for p in olmoe.precisions}
     assert olmoe.full_precision == "bf16"
     assert sizes["nf4"].capacities[1].bytes == sizes["bf16"].capacities[1].bytes == 644_245_094
