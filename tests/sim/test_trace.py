@@ -152,3 +152,17 @@ def test_a_loaded_trace_keeps_router_logits_compactly(tmp_path: Path, suffix: st
         tracemalloc.stop()
     assert [list(e.logits) for e in loaded.events] == rows  # exactly the values written
     assert per_event < 1200, f"{per_event:.0f} bytes per event"
+
+
+def test_a_prompt_logged_as_many_rows_at_token_0_is_the_prefill(tmp_path: Path) -> None:
+    prompt = [{"seq": 0, "token": 0, "layer": layer, "experts": [p, p + 1]} for p in range(3) for layer in (0, 1)]
+    decode = [{"seq": 0, "token": t, "layer": layer, "experts": [t, 5]} for t in (1, 2) for layer in (0, 1)]
+    path = write(tmp_path / "third-party.jsonl", [{"meta": {"experts_per_layer": 8, "expert_bytes": 10}}, *prompt,
+                                                  *decode])  # fmt: skip
+    trace = load_trace(path)
+    passes = trace.passes()
+    assert [(p.info.prefill, p.info.tokens, p.info.context) for p in passes] == [(True, 3, 3), (False, 1, 4),
+                                                                                 (False, 1, 5)]  # fmt: skip
+    assert passes[0].layers[0].requests == {0: 1, 1: 2, 2: 2, 3: 1}
+    assert [e.token for e in trace.events if e.layer == 0] == [0, 1, 2, 3, 4]
+    assert replay(trace, policy="none/lru/fetch/standard", cache_frac=0.5).requests == 2 * 4 + 2 * 2 * 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,16 @@ def _event(obj: Any, where: str) -> TraceEvent:
 
 
 def read_jsonl(source: Path, data: bytes) -> tuple[dict[str, Any], list[TraceEvent]]:
-    """The header and events of a JSON Lines trace; a bad line is a `TraceError` naming it."""
+    """The header and events of a JSON Lines trace; a bad line is a `TraceError` naming it.
+
+    A sequence whose prompt is logged as many rows at token 0 (no ``prefill`` flags: the layers start over
+    within token 0) is read as its prefill: each round of layers at token 0 is one prompt position, and the
+    later tokens follow the last of them.
+    """
     meta: dict[str, Any] = {}
     events: list[TraceEvent] = []
     last: dict[int, tuple[bool, int, int]] = {}  # seq -> (seen a decode token, token, layer) of its last line
+    restarts: dict[int, int] = {}  # seq -> times its layers started over within an unflagged token 0
     for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
         where = f"{source}:{number}"
         if not line.strip():
@@ -113,15 +120,36 @@ def read_jsonl(source: Path, data: bytes) -> tuple[dict[str, Any], list[TraceEve
         previous = last.get(event.seq)
         here = (not event.prefill, event.token, event.layer)
         if previous is not None and here <= previous:
-            raise TraceError(
-                f"{where}: sequence {event.seq} goes back (token {event.token}, layer {event.layer} after "
-                f"token {previous[1]}, layer {previous[2]}); a sequence's lines must come in order"
-            )
+            if not (event.prefill is None and event.token == 0 and previous[1] == 0):
+                raise TraceError(
+                    f"{where}: sequence {event.seq} goes back (token {event.token}, layer {event.layer} after "
+                    f"token {previous[1]}, layer {previous[2]}); a sequence's lines must come in order"
+                )
+            restarts[event.seq] = restarts.get(event.seq, 0) + 1  # the next prompt position, logged at token 0
         last[event.seq] = here
         events.append(event)
     if not events:
         raise TraceError(f"{source}: the trace has no routing lines")
-    return meta, events
+    return meta, _prompt_positions(events, restarts) if restarts else events
+
+
+def _prompt_positions(events: list[TraceEvent], restarts: dict[int, int]) -> list[TraceEvent]:
+    """Number the prompt positions of sequences logged at token 0, flag them prefill, and shift later tokens."""
+    position: dict[int, int] = {}  # seq -> current prompt position
+    layer_of: dict[int, int] = {}  # seq -> layer of its last token-0 row
+    fixed = []
+    for event in events:
+        prompt = restarts.get(event.seq, 0) + 1
+        if prompt == 1:
+            fixed.append(event)
+        elif event.token == 0:
+            if event.seq in layer_of and event.layer <= layer_of[event.seq]:
+                position[event.seq] = position.get(event.seq, 0) + 1
+            layer_of[event.seq] = event.layer
+            fixed.append(replace(event, token=position.get(event.seq, 0), prefill=True))
+        else:
+            fixed.append(replace(event, token=event.token + prompt - 1))
+    return fixed
 
 
 def write_jsonl(trace: Trace, target: Path) -> None:
