@@ -18,21 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from specmd import OffloadOLMoE, default_model_path
-from specmd.eval_tasks.quality import perplexity
+from specmd import default_model_path
+from specmd.eval_tasks.quality import MISS_PLANE, miss_policy_plane
 
-ALL = ("bf16", "int8", "int4", "int2")
-RUNS = [  # (label, miss policy, stored precisions)
-    ("fetch bf16 (lossless)", "fetch", ("bf16",)),
-    ("fetch-priority", "fetch-priority", ALL),
-    ("cascade", "cascade", ALL),
-    ("fetch-lowest-bit", "fetch-lowest-bit", ALL),
-    ("drop (rank >= 3)", "drop", ("bf16",)),
-    ("substitute", "substitute", ("bf16",)),
-    ("all int8", "fetch", ("int8",)),
-    ("all int4", "fetch", ("int4",)),
-    ("all int2", "fetch", ("int2",)),
-]
+RUNS = [*MISS_PLANE, *((f"all {p}", "fetch", (p,)) for p in ("int8", "int4", "int2"))]
 
 
 def main() -> None:
@@ -48,23 +37,15 @@ def main() -> None:
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : 256 * args.windows].reshape(args.windows, 256)
     print(f"{args.windows} windows x 256 tokens of dataclasses.py; cache {args.cache_frac:.0%}, a100, 5 GB/s")
     print(f"{'policy':24}{'perplexity':>11}{'TTFT ms':>9}{'stall ms':>10}{'MB moved':>10}  fetched by precision")
-    points = []
-    for label, miss, precisions in RUNS:
-        with OffloadOLMoE.from_pretrained(
-            path,
-            cache_frac=args.cache_frac,
-            policy=f"none/least-stale/{miss}/standard",
-            bandwidth_gbps=5.0,
-            expert_precisions=precisions,
-            dtype=torch.bfloat16,
-            progress=False,
-        ) as model:
-            ppl = sum(perplexity(model, window[None]) for window in ids) / len(ids)
-            stats = model.cache_stats()
-        points.append((label, ppl, stats.ttft_s * 1e3))
+    plane = miss_policy_plane(
+        path, ids, runs=RUNS, cache_frac=args.cache_frac, bandwidth_gbps=5.0, dtype=torch.bfloat16, progress=False
+    )
+    for point, stats in plane:
         fetched = ", ".join(f"{p} {n}" for p, n in sorted(stats.fetches_by_precision.items()))
-        print(f"{label:24}{ppl:>11.3f}{stats.ttft_s * 1e3:>9.3f}{stats.stall_s * 1e3 / len(ids):>10.2f}"
-              f"{stats.bytes_transferred / 1e6 / len(ids):>10.2f}  {fetched}")  # fmt: skip
+        per_window = stats.stall_s * 1e3 / len(ids), stats.bytes_transferred / 1e6 / len(ids)
+        cells = f"{point.perplexity:>11.3f}{point.ttft_s * 1e3:>9.3f}{per_window[0]:>10.2f}{per_window[1]:>10.2f}"
+        print(f"{point.label:24}{cells}  {fetched}")
+    points = [(point.label, point.perplexity, point.ttft_s * 1e3) for point, _ in plane]
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,5 @@
-"""The `specmd` command line: demo, generate, info, routing-stats, policies, trace, replay, sweep, report, eval.
+"""The `specmd` command line: demo, generate, info, routing-stats, policies, trace, replay, sweep, report, reproduce,
+eval.
 
 Every command has --help and --json.
 """
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from specmd.cli import evaluate, models, research, run
+from specmd.cli import evaluate, models, reproduce, research, run
 from specmd.cli.options import load_model as _load  # noqa: F401  (cli._load: a model as the commands load it)
 
 # Every command prints through these two, looked up here at each print: replacing them here redirects all output.
@@ -21,7 +22,7 @@ err = Console(stderr=True)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specmd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for family in (run, models, research, evaluate):  # each adds its commands, in the order --help lists them
+    for family in (run, models, research, reproduce, evaluate):  # each adds its commands, in --help's order
         family.register(commands)
     return parser
 

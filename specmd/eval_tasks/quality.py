@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from transformers import AutoConfig
 
 from specmd.cache.live.store import ExpertWeights
+from specmd.cache.stats import CacheStats
 from specmd.offload_models.auto import AutoOffloadForCausalLM
 from specmd.offload_models.checkpoint import ExpertCheckpoint, checkpoint_files
+from specmd.offload_models.info import full_precision, load_config
 from specmd.quant.formats import ExpertShape, get_format
+from specmd.sim.reproduce import QualityPoint
 
 
 def relative_error(precision: str, gate_up: torch.Tensor, down: torch.Tensor) -> float:
@@ -143,3 +146,44 @@ def precision_quality(
             perplexity=perplexity(model, input_ids, attention_mask=attention_mask),
             reference_perplexity=perplexity(reference, input_ids, attention_mask=attention_mask),
         )
+
+
+NATIVE = "native"
+"""In a run's precisions: the model's own dtype."""
+
+MISS_PLANE: tuple[tuple[str, str, tuple[str, ...]], ...] = (  # (label, miss policy, stored precisions)
+    ("fetch (lossless)", "fetch", (NATIVE,)),
+    ("fetch-priority", "fetch-priority", (NATIVE, "int8", "int4", "int2")),
+    ("cascade", "cascade", (NATIVE, "int8", "int4", "int2")),
+    ("fetch-lowest-bit", "fetch-lowest-bit", (NATIVE, "int8", "int4", "int2")),
+    ("drop (rank >= 3)", "drop", (NATIVE,)),
+    ("substitute", "substitute", (NATIVE,)),
+)
+
+
+def miss_policy_plane(
+    path: str | os.PathLike[str],
+    input_ids: torch.Tensor,
+    *,
+    eviction: str = "least-stale",
+    runs: Iterable[tuple[str, str, tuple[str, ...]]] = MISS_PLANE,
+    **load_kwargs: Any,
+) -> list[tuple[QualityPoint, CacheStats]]:
+    """Each miss policy's held-out perplexity on `input_ids` [W, S] (W windows) against the emulated TTFT of a
+    window (its prefill), no prefetch and `eviction`: the quality/speed plane of the paper's miss-handling study.
+
+    A run stores its experts at its precisions (`NATIVE` is the model's own dtype); `load_kwargs` go to every
+    load (`cache_frac`, `bandwidth_gbps`, `hardware`, `shape_from`, `dtype`, ...). Returns each run's point
+    and its cache counters over all windows.
+    """
+    native = full_precision(load_config(path))
+    points = []
+    for label, miss, precisions in runs:
+        stored = tuple(native if p == NATIVE else p for p in precisions)
+        with AutoOffloadForCausalLM.from_pretrained(
+            path, policy=f"none/{eviction}/{miss}/standard", expert_precisions=stored, **load_kwargs
+        ) as model:
+            ppl = sum(perplexity(model, window[None]) for window in input_ids) / len(input_ids)
+            stats = model.cache_stats()
+        points.append((QualityPoint(label, ppl, stats.ttft_s), stats))
+    return points

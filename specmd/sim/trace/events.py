@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,6 +83,23 @@ class Trace:
 
     def __repr__(self) -> str:
         return f"Trace({self.source}, {len(self.events):,} events, sha256={self.sha256[:12] or '-'})"
+
+    @classmethod
+    def concat(cls, traces: Sequence[Trace]) -> Trace:
+        """One trace of several of the same model (the first one's header), their sequences numbered apart."""
+        if not traces:
+            raise ValueError("concatenating traces needs at least one")
+        first = traces[0]
+        for other in traces[1:]:
+            if other.layout != first.layout:
+                raise TraceError(f"{other.source} is not of the same model as {first.source} (their headers differ)")
+        events, base = [], 0
+        for trace in traces:
+            seqs = sorted({e.seq for e in trace.events})
+            renumber = {seq: base + i for i, seq in enumerate(seqs)}
+            events += [replace(e, seq=renumber[e.seq]) for e in trace.events]
+            base += len(seqs)
+        return cls(dict(first.meta), events, ",".join(t.sha256 for t in traces), " + ".join(t.source for t in traces))
 
     # ---- what the header says (or the command line supplied) ------------------------------------
     @cached_property
