@@ -45,28 +45,34 @@ ANY_LAYER = 1 << 30
 
 
 class _Candidates:
-    """Evictable keys at one instant: resident, unpinned, transfer complete, of a layer up to a bound.
+    """Evictable keys at one instant: resident, unpinned, transfer complete, and not protected.
 
-    The cache keeps one view and sets its instant and bound at each `make_room`; it is valid during that call.
+    With bounds set (a prefetch making room), an expert is protected unless its layer is at most `through`
+    (computed by the pass) or beyond `beyond` (after the prefetch's target) and not itself an unused prefetch.
+    The cache keeps one view and sets its instant and bounds at each `make_room`; it is valid during that call.
     """
 
-    __slots__ = ("_entries", "_through", "_time")
+    __slots__ = ("_beyond", "_entries", "_through", "_time")
 
     def __init__(self, entries: dict[ExpertKey, Entry], time_s: float) -> None:
         self._entries = entries
         self._time = time_s
         self._through = ANY_LAYER
+        self._beyond = ANY_LAYER
+
+    def allows(self, key: ExpertKey, entry: Entry) -> bool:
+        """Whether resident `key` may be evicted now."""
+        if entry.pins or entry.ready_at > self._time:
+            return False
+        layer = key.layer
+        return layer <= self._through or (layer > self._beyond and not entry.prefetch_pass)
 
     def __contains__(self, key: object) -> bool:
         entry = self._entries.get(key)  # type: ignore[call-overload]
-        return (
-            entry is not None and not entry.pins and entry.ready_at <= self._time and key.layer <= self._through  # type: ignore[attr-defined]
-        )
+        return entry is not None and self.allows(key, entry)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[ExpertKey]:
-        return (
-            k for k, e in self._entries.items() if not e.pins and e.ready_at <= self._time and k.layer <= self._through
-        )
+        return (k for k, e in self._entries.items() if self.allows(k, e))
 
 
 class ExpertCache:
@@ -176,18 +182,14 @@ class ExpertCache:
                 in_flight += entry.nbytes
         return self._pinned_bytes + in_flight
 
-    def _evictable_bytes(self, time_s: float, through_layer: int) -> int:
-        return sum(
-            e.nbytes
-            for k, e in self._entries.items()
-            if k.layer <= through_layer and not e.pins and e.ready_at <= time_s
-        )
-
-    def make_room(self, nbytes: int, now: Tick, through_layer: int = ANY_LAYER) -> list[ExpertKey] | None:
+    def make_room(
+        self, nbytes: int, now: Tick, through_layer: int = ANY_LAYER, beyond_layer: int = ANY_LAYER
+    ) -> list[ExpertKey] | None:
         """Evict (per policy) until `nbytes` more fit; return the evicted keys, or None if they cannot fit now.
 
-        Only experts of layers up to `through_layer` may be evicted (a prefetch evicts only experts of layers
-        the pass has computed). None leaves the cache untouched: pinned, in-flight and protected experts
+        A prefetch passes bounds: it may evict experts of layers up to `through_layer` (those the pass has
+        computed) and experts of layers after `beyond_layer` (its target) that are not unused prefetches
+        themselves, nothing else. None leaves the cache untouched: pinned, in-flight and protected experts
         hold too many bytes.
         """
         self.last_tick = now
@@ -195,23 +197,24 @@ class ExpertCache:
         if excess <= 0:
             return []
         time_s = now.time_s
-        if through_layer >= ANY_LAYER:
-            if self.resident_bytes - self._unavailable_bytes(time_s) < excess:
-                return None
-        elif self._evictable_bytes(time_s, through_layer) < excess:
-            return None
-        entries, listener, eviction = self._entries, self.listener, self.eviction
         candidates = self._candidates
         candidates._time = time_s
         candidates._through = through_layer
+        candidates._beyond = beyond_layer
+        if through_layer >= ANY_LAYER:
+            if self.resident_bytes - self._unavailable_bytes(time_s) < excess:
+                return None
+        elif sum(e.nbytes for k, e in self._entries.items() if candidates.allows(k, e)) < excess:
+            return None
+        entries, listener, eviction = self._entries, self.listener, self.eviction
         evicted: list[ExpertKey] = []
         while self.resident_bytes + nbytes > self.capacity_bytes:
             victim = eviction.choose_victim(candidates, now)
             entry = entries.get(victim)
-            if entry is None or entry.pins or entry.ready_at > time_s or victim.layer > through_layer:
+            if entry is None or not candidates.allows(victim, entry):
                 raise RuntimeError(
                     f"{type(self.eviction).__name__} chose {victim}, which is not evictable now "
-                    "(not resident, pinned, in flight or of a protected layer)"
+                    "(not resident, pinned, in flight or protected from a prefetch)"
                 )
             if listener is not None:
                 listener.on_evict(victim)  # before removal, so the listener sees the entry it loses

@@ -9,10 +9,11 @@ through the cache: computing one unpins it, so the next can evict it.
 
 Everything happens on the emulated clock, a small discrete-event simulation: events are the layer's
 start and each expert's completion. A queued prefetch starts as soon as the link is free, also while a
-layer's attention (dense compute) runs, provided room can be made by evicting only experts of layers
-the pass has already computed (a prefetch never evicts an expert the pass may still need); one still
-queued when its layer's experts are looked up is dropped: if the layer requests it, the request misses
-and fetches it on demand, ahead of every queued prefetch, the earliest it could arrive anyway. Compute
+layer's attention (dense compute) runs, provided room can be made by evicting experts of layers the pass
+has already computed or stale experts of layers after the prefetch's target: never an unused prefetch,
+nor an expert the pass needs before the target. One still queued when its layer's experts are looked
+up is dropped: if the layer requests it, the request misses and fetches it on demand, ahead of every
+queued prefetch, the earliest it could arrive anyway. Compute
 time comes from the compute model (or is measured here when it is None). Counters therefore do not
 depend on thread timing.
 """
@@ -25,7 +26,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from specmd.cache.clock import ComputeModel, PassInfo, WallClock, wall_clock
-from specmd.cache.engine import CacheListener, Entry, ExpertCache
+from specmd.cache.engine import ANY_LAYER, CacheListener, Entry, ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.layout import ExpertLayout
 from specmd.cache.link import EmulatedLink
@@ -547,7 +548,8 @@ class CacheManager:
                 continue
             nbytes = cache.nbytes(key)
             tick = Tick(self.step, self.pass_idx, left, begin)
-            evicted = cache.make_room(nbytes, tick, left)
+            # For this pass, the experts of layers after the target are needed later than it: stale ones may go.
+            evicted = cache.make_room(nbytes, tick, left, key.layer if target_pass == self.pass_idx else ANY_LAYER)
             if evicted is None:
                 return  # blocked until pins are released or the pass moves on
             queue.popleft()

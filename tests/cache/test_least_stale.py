@@ -54,12 +54,18 @@ def test_fifo_within_a_layer_and_pinned_experts_are_skipped() -> None:
     assert victims(cache, tick(2, 2), 1) == [first]
 
 
-def test_a_prefetch_evicts_only_experts_of_computed_layers() -> None:
-    cache = fill(LRU(), [D, A, B])  # LRU alone would evict D first
+def test_a_prefetch_evicts_computed_layers_and_stale_experts_after_its_target_only() -> None:
+    cache = fill(LRU(), [D, A, C, B])  # LRU alone would evict D first
     free = cache.capacity_bytes - cache.resident_bytes
-    assert cache.make_room(free + 2, tick(2, 1), 1) == [A, B]
-    assert cache.make_room(free + 3, tick(2, 1), 1) is None  # only D could go, and layer 3 is ahead of layer 1
-    assert cache.resident() == [D]
+    # At layer 1, for a prefetch of layer 2: A and B (computed) may go, C (the target's layer) may not, and
+    # D (after the target) may, being stale.
+    assert cache.make_room(free + 3, tick(2, 1), 1, 2) == [D, A, B]
+    assert cache.make_room(free + 4, tick(2, 1), 1, 2) is None
+    assert cache.resident() == [C]
+    prefetched = key(3, 5)
+    cache.insert(prefetched, tick(2, 1), ready_at=0.0, prefetch_pass=2)  # for layer 3, not used yet
+    full = cache.capacity_bytes - cache.resident_bytes
+    assert cache.make_room(full + 1, tick(2, 1), 1, 2) is None  # an unused prefetch is never evicted by one
 
 
 LAYERS = 4

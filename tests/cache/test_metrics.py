@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cache.conftest import PREFILL, FixedCompute, make_manager, run_pass
+from tests.cache.conftest import DECODE, PREFILL, FixedCompute, make_manager, run_pass
 
 US = 1e-6
 
@@ -149,13 +149,28 @@ def test_the_link_works_on_while_the_next_layer_computes_attention() -> None:
     assert s.prefetches_issued == 2 and s.per_layer[1]["hits"] == 2 and s.stall_s == pytest.approx(1 * US)
 
 
-def test_a_prefetch_never_evicts_an_expert_of_a_layer_the_pass_has_yet_to_reach() -> None:
+def test_a_prefetch_never_evicts_an_expert_needed_before_its_target() -> None:
+    m = make_manager("topk/lru/fetch/standard", capacity_experts=3, layers=(0, 1, 2), top_k=1)
+    run_pass(m, {0: {0: 1}, 1: {1: 1}, 2: {2: 1}}, info=PREFILL)  # leaves e0, e1, e2 resident
+    m.begin_pass(DECODE)
+    # Layer 0 evicts e0 (LRU) for e3 and predicts e5 for layer 2. While e3 computes, only e1 (layer 1, needed
+    # before the target) and e2 (the target's layer) could make room: the prefetch waits and then evicts e3.
+    m.run_layer(0, {3: 1}, {(0, 2): [[0.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0]]})
+    m.run_layer(1, {1: 1})
+    m.run_layer(2, {5: 1})
+    m.end_pass()
+    s = m.snapshot()
+    assert s.prefetches_issued == 1 and s.collision_misses == 0
+    assert s.per_layer[1]["hits"] == 1  # e1 survived the prefetch
+
+
+def test_a_prefetch_may_evict_a_stale_expert_of_a_layer_after_its_target() -> None:
     m = make_manager("topk/lru/fetch/standard", capacity_experts=2, layers=(0, 1, 2), top_k=1)
     run_pass(m, {0: {0: 1}, 1: {1: 1}, 2: {2: 1}}, info=PREFILL)  # leaves e1 and e2 resident
     five = [[0.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0]]
-    # Layer 0 of the next pass evicts e1 (LRU) for e0 and predicts e5 for layer 1. While e0 computes, only e2
-    # (layer 2, not reached) could make room: the prefetch waits for e0 to finish and evicts it instead.
+    # Layer 0 evicts e1 for e0 and predicts e5 for layer 1: while e0 computes, e2 (layer 2, after the target,
+    # stale) makes room at once; layer 2 then misses it again in the same pass.
     run_pass(m, {0: {0: 1}, 1: {5: 1}, 2: {2: 1}}, predicted={0: five})
     s = m.snapshot()
-    assert s.prefetches_issued == 1 and s.collision_misses == 0
-    assert s.per_layer[2]["hits"] == 1  # e2 survived the prefetch
+    assert s.prefetches_issued == s.prefetches_used == 1
+    assert (s.collision_misses, s.collision_misses_stale) == (1, 1)
