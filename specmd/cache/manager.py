@@ -193,16 +193,6 @@ class CacheManager:
         self.stats.record_pass(info.prefill, info.sequences, t - self._pass_start, self.wall() - self._wall_start)
         self._in_pass = False
 
-    def abort_pass(self) -> None:
-        """Abandon a pass that raised: release its pins and prefetch queue; record nothing."""
-        for key in self.cache.resident():
-            entry = self.cache.get(key)
-            while entry is not None and entry.pins:
-                self.cache.unpin(key)
-        self._queue.clear()
-        self._queued.clear()
-        self._in_pass = False
-
     def _require_pass(self) -> PassInfo:
         if not self._in_pass or self._pass is None:
             raise RuntimeError("no forward pass is running; call begin_pass first")

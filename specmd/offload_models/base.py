@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from specmd.cache.live.copiers import copier_for
 from specmd.cache.live.payload import LivePayload
 from specmd.cache.live.store import open_store
 from specmd.cache.live.watchdog import Watchdog
+from specmd.cache.manager import CacheManager
 from specmd.cache.stats import CacheStats
 from specmd.offload_models.checkpoint import CheckpointError, ExpertCheckpoint, ExpertKeyPatterns, checkpoint_files
 from specmd.offload_models.experts import OffloadedExperts
@@ -117,6 +119,7 @@ class OffloadMixin:
         super().__init__(config, *args, **kwargs)
         self._specmd: OffloadRuntime | None = None
         self.offload_options: OffloadOptions | None = None
+        self._forward_lock = threading.RLock()  # one forward pass at a time: concurrent generate calls take turns
         num_experts = self.arch.num_experts(config)
         moe_layers = self.arch.moe_layers(config)
         assert moe_layers == [i for i, layer in enumerate(self.model.layers) if hasattr(layer.mlp, "experts")], (
@@ -143,6 +146,7 @@ class OffloadMixin:
         storage: str = "ram",
         predictor: str | None = None,
         shape_from: str | None = None,
+        transfer_timeout_s: float = OffloadOptions.transfer_timeout_s,
         progress: bool = True,
         **kwargs: Any,
     ) -> Any:
@@ -170,6 +174,7 @@ class OffloadMixin:
             storage=storage,
             predictor=predictor,
             shape_from=shape_from,
+            transfer_timeout_s=transfer_timeout_s,
             progress=progress,
         )
         want_info = kwargs.pop("output_loading_info", False)
@@ -237,7 +242,11 @@ class OffloadMixin:
         real_bytes = layout.expert_bytes
         if price_as is not None:  # the emulation prices experts and compute as that model's
             layout = layout.priced_like(price_as)
-        manager = build_manager(layout, options, measured_compute=options.compute_time == "measured")
+
+        def rebuild() -> CacheManager:  # a fresh cache and policies: at load, and after a pass that raised
+            return build_manager(layout, options, measured_compute=options.compute_time == "measured")
+
+        manager = rebuild()
         if not manager.policies.routing.neutral and arch.router_contract is None:
             raise ValueError(
                 f"routing policy {options.policy.routing.name!r} re-selects experts, which {type(self).__name__}'s "
@@ -260,7 +269,10 @@ class OffloadMixin:
         arena = SlotArena(real_capacity, real_bytes.values(), device)
         watchdog = Watchdog()
         try:
-            manager.attach(LivePayload(store, arena, watchdog, copier_for(device), formats, shape))
+            payload = LivePayload(
+                store, arena, watchdog, copier_for(device), formats, shape, timeout_s=options.transfer_timeout_s
+            )
+            manager.attach(payload)
             routers = {layer: getattr(self.model.layers[layer].mlp, arch.router_attr) for layer in layout.moe_layers}
             meta = {
                 "model": config.name_or_path or None,
@@ -270,7 +282,8 @@ class OffloadMixin:
                 "predictor": options.predictor or DEFAULT_PREDICTOR,
                 "specmd_version": __version__,
             }
-            runtime = OffloadRuntime(manager, watchdog, routers, meta, make_predictor(meta["predictor"], routers))
+            predictor = make_predictor(meta["predictor"], routers)
+            runtime = OffloadRuntime(manager, watchdog, routers, meta, predictor, rebuild)
             if not manager.policies.routing.neutral:
                 runtime.steer_routing(arch.router_contract, config, layout.top_k)  # type: ignore[arg-type]
         except BaseException:
@@ -310,7 +323,10 @@ class OffloadMixin:
             return super().forward(*args, **kwargs)  # type: ignore[misc]  (transformers reports the error)
         cache = given.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
-        with runtime.forward_pass(tokens.shape[0], tokens.shape[1], given.get("attention_mask"), past):
+        with (
+            self._forward_lock,
+            runtime.forward_pass(tokens.shape[0], tokens.shape[1], given.get("attention_mask"), past),
+        ):
             return super().forward(*args, **kwargs)  # type: ignore[misc]
 
     def _runtime(self) -> OffloadRuntime:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from specmd.cache.config import CacheConfig
+from specmd.cache.config import CacheConfig, is_number
 from specmd.cache.live.store import STORAGE_TIERS
+from specmd.cache.live.watchdog import DEFAULT_TIMEOUT_S
 from specmd.offload_models.predictors import check_predictor
 from specmd.quant import canonical_name, get_format
 
@@ -25,6 +26,7 @@ class OffloadOptions(CacheConfig):
         storage: the storage tier that holds every expert's copies ("ram").
         shape_from: price the experts and compute as this model's in the emulation (a config.json, a checkpoint
             directory, a hub id or a bundled config's name); None = as this model's own.
+        transfer_timeout_s: the longest wait on one expert's copy before it is an error naming the expert.
         progress: show a progress bar while experts load.
     """
 
@@ -32,6 +34,7 @@ class OffloadOptions(CacheConfig):
     expert_precisions: tuple[str, ...] | None = None
     storage: str = "ram"
     shape_from: str | None = None
+    transfer_timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class OffloadOptions(CacheConfig):
             check_predictor(self.predictor)
         if self.shape_from is not None and not (isinstance(self.shape_from, str) and self.shape_from):
             raise ValueError(f"shape_from must name a model's config, got {self.shape_from!r}")
+        if not (is_number(self.transfer_timeout_s) and self.transfer_timeout_s > 0):
+            raise ValueError(f"transfer_timeout_s must be a number of seconds > 0, got {self.transfer_timeout_s!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

@@ -6,7 +6,7 @@ E = experts per layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from itertools import accumulate, pairwise
 from typing import Any
@@ -53,8 +53,19 @@ def summarize_routing(
     return {e: Routed(n, weight_list[e], best_list[e]) for e, n in requests.items()}
 
 
+RECOVERED = (
+    "specmd abandoned this forward pass and emptied the expert cache: the model can run again, as if just loaded "
+    "(its counters so far are kept); if the same error comes back, its cause is still there"
+)
+
+
 class OffloadRuntime:
-    """Drives one model's `CacheManager` from inside its forward passes (and tells routing observers)."""
+    """Drives one model's `CacheManager` from inside its forward passes (and tells routing observers).
+
+    A pass that raises (an error or an interrupt, anywhere in it) leaves the model as freshly loaded: the cache
+    is rebuilt empty with `rebuild` before the next pass, at the latest, so a later run gives exactly a fresh
+    model's output and counters from there.
+    """
 
     def __init__(
         self,
@@ -63,6 +74,7 @@ class OffloadRuntime:
         routers: Mapping[int, nn.Module],
         meta: Mapping[str, Any],
         predictor: RoutePredictor,
+        rebuild: Callable[[], CacheManager],
     ) -> None:
         self.manager = manager
         self.watchdog = watchdog
@@ -75,12 +87,17 @@ class OffloadRuntime:
         self._token_mask: torch.Tensor | None = None
         self._last_tokens: list[int] = []
         self._hooks: list[Any] = []
+        self._rebuild = rebuild
+        self._dirty = False  # a pass began and did not end: rebuild the cache before the next
 
     @contextmanager
     def forward_pass(self, batch: int, new: int, attention_mask: torch.Tensor | None, past: int) -> Iterator[None]:
-        """Scope one model forward as one pass; a pass that raises releases its pins and tells no observer it ended."""
+        """Scope one model forward as one pass; a pass that raises empties the cache and tells no observer it ended."""
+        if self._dirty:
+            self._recover()  # the last pass raised, and its recovery was itself interrupted
         pasts, news, token_mask = real_tokens(batch, new, attention_mask, past)
         info = PassInfo.for_sequences(pasts, news)
+        self._dirty = True
         self.manager.begin_pass(info)
         self._token_mask = token_mask
         self._last_tokens = [end - 1 for end, n in zip(accumulate(news), news, strict=True) if n]
@@ -90,15 +107,30 @@ class OffloadRuntime:
                 observer.begin_pass(rows, batch, info.prefill)
         try:
             yield
-        except BaseException:
-            self.manager.abort_pass()
+        except BaseException as exc:
+            exc.add_note(RECOVERED)
+            self._recover()
             raise
         else:
             self.manager.end_pass()
             for observer in self.observers:
                 observer.end_pass()
+            self._dirty = False
         finally:
             self._token_mask = None
+
+    def _recover(self) -> None:
+        """Rebuild the cache empty with fresh policies, keeping the counters and the payload (its slots freed)."""
+        old = self.manager
+        payload = old.payload
+        if payload is not None:
+            payload.reset()
+        fresh = self._rebuild()
+        fresh.stats = old.stats
+        if payload is not None:
+            fresh.attach(payload)
+        self.manager = fresh
+        self._dirty = False
 
     def run_experts(
         self,
@@ -165,10 +197,10 @@ class OffloadRuntime:
 
     def steer_routing(self, contract: SoftmaxTopK, config: PretrainedConfig, top_k: int) -> None:
         """Let the routing policy re-select each MoE layer's experts (a forward hook on every router)."""
-        manager = self.manager
-        policy = manager.policies.routing
 
         def steer(layer: int, output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            manager = self.manager  # read at each call: a recovery replaces it
+            policy = manager.policies.routing
             logits = output[0]  # [T, E]
             real = logits if self._token_mask is None else logits[self._token_mask]  # [T_real, E]
             margin = logit_margin(real, top_k) if real.shape[0] else 0.0

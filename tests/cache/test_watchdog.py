@@ -32,10 +32,10 @@ def test_the_main_thread_does_a_copy_the_watchdog_has_not_reached() -> None:
     copier = GatedCopier()
     watchdog = Watchdog()
     try:
-        first = watchdog.submit(partial(copier.copy, torch.zeros(4), torch.ones(4)))
+        first = watchdog.submit(partial(copier.copy, torch.zeros(4), torch.ones(4)), "expert 0")
         copier.started.wait(5)  # the watchdog is stuck inside the first copy
         dst = torch.zeros(4)
-        second = watchdog.submit(partial(copier.copy, dst, torch.full((4,), 2.0)))
+        second = watchdog.submit(partial(copier.copy, dst, torch.full((4,), 2.0)), "expert 0")
         second.wait()  # returns without the watchdog: the main thread copied
         assert torch.equal(dst, torch.full((4,), 2.0))
         assert copier.threads == ["specmd-watchdog", threading.current_thread().name]
@@ -50,10 +50,10 @@ def test_retiring_a_pending_copy_cancels_it() -> None:
     copier = GatedCopier()
     watchdog = Watchdog()
     try:
-        watchdog.submit(partial(copier.copy, torch.zeros(4), torch.ones(4)))
+        watchdog.submit(partial(copier.copy, torch.zeros(4), torch.ones(4)), "expert 0")
         copier.started.wait(5)
         dst = torch.zeros(4)
-        watchdog.submit(partial(copier.copy, dst, torch.ones(4))).retire()
+        watchdog.submit(partial(copier.copy, dst, torch.ones(4)), "expert 0").retire()
         copier.release.set()
         watchdog.stop()
         assert torch.equal(dst, torch.zeros(4))  # never written: its slot may belong to another expert now
@@ -66,11 +66,14 @@ def test_retiring_a_pending_copy_cancels_it() -> None:
 def test_copy_errors_reach_the_waiter_and_the_check() -> None:
     watchdog = Watchdog()
     try:
-        ticket = watchdog.submit(partial(CpuCopier().copy, torch.zeros(4), torch.empty(4, device="meta")))
-        with pytest.raises(RuntimeError, match="watchdog"):
+        ticket = watchdog.submit(partial(CpuCopier().copy, torch.zeros(4), torch.empty(4, device="meta")), "expert 0")
+        watchdog.stop()  # the thread runs every queued copy before it ends
+        failed = "the copy of expert 0 failed on thread 'specmd-watchdog'"
+        with pytest.raises(RuntimeError, match=failed):
             ticket.wait()
-        with pytest.raises(RuntimeError, match="watchdog"):
+        with pytest.raises(RuntimeError, match=failed):
             watchdog.check()
+        watchdog.check()  # reported once: the model may run on
     finally:
         watchdog.stop()
 
@@ -79,4 +82,4 @@ def test_a_stopped_watchdog_takes_no_more_copies() -> None:
     watchdog = Watchdog()
     watchdog.stop()
     with pytest.raises(RuntimeError, match="stopped"):
-        watchdog.submit(partial(CpuCopier().copy, torch.zeros(1), torch.zeros(1)))
+        watchdog.submit(partial(CpuCopier().copy, torch.zeros(1), torch.zeros(1)), "expert 0")

@@ -146,13 +146,14 @@ def test_garbage_collection_stops_the_watchdog(checkpoint: Path) -> None:
     assert len(watchdogs()) == before
 
 
-def test_watchdog_errors_surface_on_the_main_thread(checkpoint: Path) -> None:
+def test_transfer_errors_surface_on_the_main_thread_naming_the_expert(checkpoint: Path) -> None:
     with load(checkpoint, cache_frac=0.25) as model:
         payload = model.expert_cache.listener
-        # Sources with no data: the copy itself fails, in the watchdog thread.
+        # Sources with no data: the copy itself fails (in whichever thread runs it first).
         payload.store._buffers = {k: torch.empty_like(v, device="meta") for k, v in payload.store._buffers.items()}
-        with pytest.raises(RuntimeError, match="watchdog"):
+        with pytest.raises(RuntimeError, match=r"the copy of expert \d+ of layer \d+ at fp32 failed on thread") as err:
             generate(model, tokens=2)
+        assert "the model can run again" in str(err.value.__notes__)
 
 
 def test_save_pretrained_is_refused(checkpoint: Path, tmp_path: Path) -> None:

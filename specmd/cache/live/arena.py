@@ -83,6 +83,11 @@ class SlotArena:
         return len(self._blocks)
 
     # ---- blocks --------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Free every block at once (their handles are no longer valid)."""
+        self._blocks.clear()
+        self._holes = [(0, self.nbytes)]
+
     def acquire(self, nbytes: int) -> int | None:
         """A block of `nbytes`: its handle, or None when no hole is large enough (`compact` first)."""
         need = _stride(nbytes)

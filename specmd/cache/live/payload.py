@@ -17,7 +17,7 @@ from specmd.cache.keys import ExpertKey
 from specmd.cache.live.arena import SlotArena
 from specmd.cache.live.copiers import Copier
 from specmd.cache.live.store import ExpertStore
-from specmd.cache.live.watchdog import Ticket, Watchdog
+from specmd.cache.live.watchdog import DEFAULT_TIMEOUT_S, Ticket, Watchdog
 from specmd.quant.formats import ExpertFormat, ExpertShape, Weights
 
 
@@ -30,7 +30,10 @@ class _Slot:
 
 
 class LivePayload:
-    """Moves experts from a storage tier into a `SlotArena` and runs them (a `CacheListener` and `Payload`)."""
+    """Moves experts from a storage tier into a `SlotArena` and runs them (a `CacheListener` and `Payload`).
+
+    No wait on a copy lasts longer than `timeout_s`.
+    """
 
     def __init__(
         self,
@@ -41,6 +44,7 @@ class LivePayload:
         formats: Mapping[str, ExpertFormat],
         shape: ExpertShape,
         wall: WallClock = wall_clock,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.store = store
         self.arena = arena
@@ -49,6 +53,7 @@ class LivePayload:
         self.formats = dict(formats)
         self.shape = shape
         self.wall = wall
+        self.timeout_s = timeout_s
         self._slots: dict[ExpertKey, _Slot] = {}
 
     def on_load(self, key: ExpertKey) -> None:
@@ -59,18 +64,30 @@ class LivePayload:
             handle = self.arena.acquire(nbytes)
             assert handle is not None, "a compacted arena holds every set of experts the capacity admits"
         destination = self.arena.view(handle)
-        ticket = self.watchdog.submit(partial(self.store.read_into, key, destination, self.copier))
+        label = f"expert {key.expert} of layer {key.layer} at {key.precision}"
+        ticket = self.watchdog.submit(partial(self.store.read_into, key, destination, self.copier), label)
         self._slots[key] = _Slot(handle, ticket, destination)
 
     def on_evict(self, key: ExpertKey) -> None:
-        slot = self._slots.pop(key)
-        slot.ticket.retire()  # no copy may still land in the slot once another key takes it
+        slot = self._slots[key]
+        slot.ticket.retire(self.timeout_s)  # no copy may still land in the slot once another key takes it
+        del self._slots[key]
         self.arena.release(slot.handle)
+
+    def reset(self) -> None:
+        """Give up every expert (the cache is being rebuilt empty): cancel or finish their copies, free the arena.
+
+        Safe to call again after an interruption: what is done stays done.
+        """
+        for slot in self._slots.values():
+            slot.ticket.retire(self.timeout_s)
+        self._slots.clear()
+        self.arena.clear()  # also what a slot interrupted between its block and its record had taken
 
     def _compact(self) -> None:
         """Defragment the arena (mixed precisions only): wait for every copy, move blocks, refresh their views."""
         for slot in self._slots.values():
-            slot.ticket.wait()  # evicted slots' copies were retired at eviction; these are the rest
+            slot.ticket.wait(self.timeout_s)  # evicted slots' copies were retired at eviction; these are the rest
         moved = set(self.arena.compact())
         for slot in self._slots.values():
             if slot.handle in moved:
@@ -81,7 +98,7 @@ class LivePayload:
         slot = self._slots[key]
         fmt = self.formats[key.precision]
         if slot.weights is None:
-            slot.ticket.wait()
+            slot.ticket.wait(self.timeout_s)
             slot.weights = fmt.unpack(slot.buffer, self.shape)
         start = self.wall()
         job.compute(expert, slot.weights, fmt)

@@ -4,14 +4,16 @@ The manager decides on the emulated clock which transfers start and what they ev
 deterministic); the watchdog performs the real copies in issue order, off the main thread, so they
 overlap compute. A copy the main thread needs before the watchdog has reached it is done by the main
 thread itself (so a busy machine's thread scheduling never delays compute), and an evicted expert's
-copy that has not started is cancelled. An error in the thread is kept and raised on the main thread
-at the next wait or check.
+copy that has not started is cancelled. Every wait is bounded (`timeout_s`): a copy that hangs is a
+`TransferError` naming the expert, never a hang. An error in the thread is kept and raised on the main
+thread at the next wait or check, once.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Callable
 
 from specmd.cache.live.copiers import Completion
@@ -19,21 +21,28 @@ from specmd.cache.live.copiers import Completion
 Transfer = Callable[[], Completion]
 """One expert's transfer: reads it from its storage tier into its slot and returns the issued copy."""
 
+DEFAULT_TIMEOUT_S = 300.0
+"""How long a wait on one expert's copy may take before it is an error (generous: a copy takes milliseconds)."""
+
 _PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
 
 
+class TransferError(RuntimeError):
+    """An expert's copy failed or did not finish in time."""
+
+
 class Ticket:
-    """One issued transfer, claimed by whichever thread gets to it first."""
+    """One issued transfer of the expert `label`, claimed by whichever thread gets to it first."""
 
-    __slots__ = ("_completion", "_done", "_error", "_failures", "_lock", "_state", "_transfer")
+    __slots__ = ("_completion", "_done", "_error", "_failures", "_label", "_lock", "_state", "_transfer")
 
-    def __init__(self, transfer: Transfer, failures: list[BaseException]) -> None:
-        self._transfer, self._failures = transfer, failures
+    def __init__(self, transfer: Transfer, failures: list[TransferError], label: str) -> None:
+        self._transfer, self._failures, self._label = transfer, failures, label
         self._lock = threading.Lock()
         self._state = _PENDING
         self._done = threading.Event()
         self._completion: Completion | None = None
-        self._error: BaseException | None = None
+        self._error: TransferError | None = None
 
     def run(self) -> None:
         """Perform the copy unless another thread has claimed it or it was cancelled."""
@@ -41,32 +50,44 @@ class Ticket:
             if self._state != _PENDING:
                 return
             self._state = _RUNNING
+        where = threading.current_thread().name
         try:
             self._completion = self._transfer()
         except BaseException as exc:
-            self._error = exc
-            self._failures.append(exc)
+            error = TransferError(f"the copy of {self._label} failed on thread {where!r}: {exc!r}")
+            error.__cause__ = exc
+            self._error = error
+            if where != threading.main_thread().name:
+                self._failures.append(error)  # raised on the main thread at its next check or wait
+            if not isinstance(exc, Exception):
+                raise  # an interrupt stays an interrupt
         finally:
             self._state = _DONE
             self._done.set()
 
-    def wait(self) -> None:
+    def _await(self, timeout_s: float, what: str) -> None:
+        if not self._done.wait(timeout_s):
+            raise TransferError(f"the copy of {self._label} did not finish within {timeout_s:g} s ({what})")
+
+    def wait(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Return once the data can be used, doing the copy here if no thread has started it."""
         self.run()
-        self._done.wait()
+        self._await(timeout_s, "waited on to compute it")
         if self._error is not None:
-            raise RuntimeError("an expert transfer failed in the specmd watchdog thread") from self._error
+            raise self._error
         assert self._completion is not None
         self._completion.wait()
 
-    def retire(self) -> None:
+    def retire(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """The destination is being given up: cancel the copy if it has not started, else let it finish."""
         with self._lock:
             if self._state == _PENDING:
                 self._state = _CANCELLED
                 self._done.set()
                 return
-        self._done.wait()
+        self._await(
+            timeout_s, "waited on to reuse its slot: the model cannot run until it does; close it and load it again"
+        )
 
 
 _STOP = None
@@ -82,25 +103,36 @@ class Watchdog:
 
     def __init__(self, name: str = "specmd-watchdog") -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._failures: list[BaseException] = []
+        self._failures: list[TransferError] = []
         self._thread = threading.Thread(target=_drain, args=(self._jobs,), name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, transfer: Transfer) -> Ticket:
-        """Queue `transfer`."""
+    def submit(self, transfer: Transfer, label: str) -> Ticket:
+        """Queue `transfer` of the expert `label` (how errors name it)."""
         if not self._thread.is_alive():
             raise RuntimeError("the specmd watchdog is stopped (the model was closed)")
-        ticket = Ticket(transfer, self._failures)
+        ticket = Ticket(transfer, self._failures, label)
         self._jobs.put(ticket)
         return ticket
 
     def check(self) -> None:
-        """Raise the first error a copy hit, on the calling (main) thread."""
+        """Raise, on the calling (main) thread, the first error a copy hit in the thread since the last check."""
         if self._failures:
-            raise RuntimeError("an expert transfer failed in the specmd watchdog thread") from self._failures[0]
+            error = self._failures[0]
+            self._failures.clear()
+            raise error
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish the queued copies and end the thread."""
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Finish the queued copies and end the thread; False, with a warning, if a copy runs on after `timeout_s`."""
         if self._thread.is_alive():
             self._jobs.put(_STOP)
-            self._thread.join(timeout)
+            self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            warnings.warn(
+                f"the specmd transfer thread is still in a copy after {timeout_s:g} s; it is a daemon thread and ends "
+                "with the process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+        return True
