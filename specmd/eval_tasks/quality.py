@@ -47,7 +47,13 @@ def checkpoint_experts(path: str | os.PathLike[str]) -> Iterable[ExpertWeights]:
     """Every routed expert of the checkpoint at `path` (a directory or hub id), read one at a time."""
     config = AutoConfig.from_pretrained(path)
     arch = AutoOffloadForCausalLM.class_for(config.model_type).arch
-    return ExpertCheckpoint(checkpoint_files(path), arch.checkpoint, arch.moe_layers(config), arch.num_experts(config))
+    return ExpertCheckpoint(
+        checkpoint_files(path),
+        arch.checkpoint,
+        arch.moe_layers(config),
+        arch.num_experts(config),
+        arch.expert_shape(config),
+    )
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,7 @@ class OffloadMixin:
             cls.arch.checkpoint,
             cls.arch.moe_layers(config),
             cls.arch.num_experts(config),
+            cls.arch.expert_shape(config),
         )
         model, info = super().from_pretrained(  # type: ignore[misc]
             pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs

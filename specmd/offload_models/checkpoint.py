@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from specmd.cache.live.store import ExpertWeights
+from specmd.quant.formats import ExpertShape
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -101,29 +102,49 @@ def _shards(index: Path) -> list[str]:
 
 
 class ExpertCheckpoint:
-    """Every routed expert of `layers` in the checkpoint `files`, validated up front, read lazily."""
+    """Every routed expert of `layers` in the checkpoint `files`, validated up front, read lazily.
+
+    Each expert tensor is checked by name, shape and dtype against `shape` (one expert's) and
+    `num_experts`: a transposed or resized matrix, a fused tensor with the wrong number of experts, an expert
+    beyond `num_experts` or an expert stored at another dtype than the rest is a `CheckpointError` naming
+    the file, the tensor, and the expected and found shape or dtype.
+    """
 
     def __init__(
-        self, files: Sequence[Path], patterns: ExpertKeyPatterns, layers: Sequence[int], num_experts: int
+        self,
+        files: Sequence[Path],
+        patterns: ExpertKeyPatterns,
+        layers: Sequence[int],
+        num_experts: int,
+        shape: ExpertShape,
     ) -> None:
         self.files = list(files)
         self.layers = tuple(layers)
         self.num_experts = num_experts
+        self.shape = shape
         self._where: dict[tuple[int, int | None, str], tuple[Path, str]] = {}
         matchers = patterns.matchers()
+        dtypes: dict[str, tuple[Path, str]] = {}  # dtype -> the first tensor found at it
         for file in self.files:
             if not file.is_file():
                 raise CheckpointError(f"checkpoint file {file} is missing")
             try:
                 with safe_open(file, "pt") as handle:
-                    names = list(handle.keys())
+                    for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                        for part, regex in matchers:
+                            if match := regex.match(name):
+                                view = handle.get_slice(name)
+                                where = self._check(file, name, part, match, view.get_shape())
+                                self._where[where] = (file, name)
+                                dtypes.setdefault(view.get_dtype(), (file, name))
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(f"checkpoint file {file} is unreadable or truncated ({exc})") from exc
-            for name in names:
-                for part, regex in matchers:
-                    if match := regex.match(name):
-                        expert = match.groupdict().get("expert")
-                        self._where[(int(match["layer"]), None if expert is None else int(expert), part)] = (file, name)
+        if len(dtypes) > 1:
+            (first, (file1, name1)), (other, (file2, name2)) = list(dtypes.items())[:2]
+            raise CheckpointError(
+                f"{file2}: expert tensor {name2} is {other}, but {name1} in {file1.name} is {first}: a checkpoint's "
+                "experts share one dtype"
+            )
         for layer in self.layers:
             if (layer, None, "gate_up") in self._where and (layer, None, "down_fused") in self._where:
                 continue
@@ -134,6 +155,28 @@ class ExpertCheckpoint:
                         raise CheckpointError(
                             f"the checkpoint has no weights for expert {expert} of layer {layer} ({missing})"
                         )
+
+    def _check(
+        self, file: Path, name: str, part: str, match: re.Match[str], found: Sequence[int]
+    ) -> tuple[int, int | None, str]:
+        """Where the expert tensor `name` belongs, once its indices and shape are right."""
+        layer, expert = int(match["layer"]), match.groupdict().get("expert")
+        hidden, intermediate, experts = self.shape.hidden, self.shape.intermediate, self.num_experts
+        if expert is not None and int(expert) >= experts:
+            raise CheckpointError(f"{file}: {name} is expert {expert}, but the config has {experts} experts per layer")
+        expected = {
+            "gate": (intermediate, hidden),
+            "up": (intermediate, hidden),
+            "down": (hidden, intermediate),
+            "gate_up": (experts, 2 * intermediate, hidden),
+            "down_fused": (experts, hidden, intermediate),
+        }[part]
+        if tuple(found) != expected:
+            raise CheckpointError(
+                f"{file}: {name} has shape {list(found)}, expected {list(expected)} (hidden {hidden}, expert "
+                f"intermediate {intermediate}, {experts} experts per layer)"
+            )
+        return (layer, None if expert is None else int(expert), part)
 
     def __len__(self) -> int:
         return len(self.layers) * self.num_experts

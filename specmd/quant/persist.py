@@ -2,8 +2,10 @@
 
 A copy is one directory per (checkpoint content, expert layout, format and its parameters):
 `<cache_dir>/quant/<precision>-<key>/` holds `layer-<L>.safetensors` (one uint8 tensor [experts, bytes]
-per MoE layer: each row is one packed expert) and `manifest.json` (what the key was made from),
-written last: a directory is published by one atomic rename, so a half-written copy is never read.
+per MoE layer: each row is one packed expert) and `manifest.json` (what the key was made from, and the
+SHA-256 of each layer's bytes), written last: a directory is published by one atomic rename, so a
+half-written copy is never read. Each layer's bytes are checked against their digest on load: a copy
+damaged since (flipped or zeroed bytes) is quantized again, with a warning.
 
 The checkpoint's content is the SHA-256 of its safetensors files. Hashing a large checkpoint takes a
 while, so each file's digest is remembered in `<cache_dir>/quant/file-digests.json` with the file's
@@ -30,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from specmd.quant.formats import ExpertFormat, ExpertShape
 
-VERSION = 1  # bump when the directory layout changes
+VERSION = 2  # bump when the directory layout changes (2: per-layer digests)
 DIGESTS = "file-digests.json"
 MANIFEST = "manifest.json"
 TENSOR = "experts"
@@ -49,6 +51,11 @@ def _sha256(path: Path) -> str:
         while chunk := handle.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a host tensor's bytes (read in place)."""
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().data).hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -145,18 +152,26 @@ class QuantizedCopies:
         return self.root / f"{fmt.name}-{key}"
 
     def load(self, fmt: ExpertFormat) -> dict[int, torch.Tensor] | None:
-        """Each layer's packed experts [experts, bytes] as saved, or None when there is no complete copy."""
+        """Each layer's packed experts [experts, bytes] as saved, or None when there is no complete, intact copy."""
         directory = self.directory(fmt)
         try:
-            if json.loads((directory / MANIFEST).read_text()) != self.manifest(fmt):
+            saved = json.loads((directory / MANIFEST).read_text())
+            if not isinstance(saved, dict) or saved.get("key") != self.manifest(fmt):
                 return None
             layers = {}
             for layer in self.layers:
                 tensor = load_file(directory / f"layer-{layer}.safetensors")[TENSOR]
                 if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (self.num_experts, fmt.nbytes(self.shape)):
                     return None
+                if _digest(tensor) != saved["sha256"][str(layer)]:
+                    warnings.warn(
+                        f"specmd: the saved {fmt.name} experts of layer {layer} in {directory} are damaged (their "
+                        "digest differs from the one written with them); quantizing them again",
+                        stacklevel=2,
+                    )
+                    return None
                 layers[layer] = tensor
-        except (OSError, ValueError, KeyError, SafetensorError):
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             return None
         return layers
 
@@ -167,9 +182,12 @@ class QuantizedCopies:
             self.root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.root))
             try:
+                digests = {}
                 for layer in self.layers:
-                    save_file({TENSOR: layers[layer].contiguous()}, staging / f"layer-{layer}.safetensors")
-                _write_json(staging / MANIFEST, self.manifest(fmt))
+                    tensor = layers[layer].contiguous()
+                    save_file({TENSOR: tensor}, staging / f"layer-{layer}.safetensors")
+                    digests[str(layer)] = _digest(tensor)
+                _write_json(staging / MANIFEST, {"key": self.manifest(fmt), "sha256": digests})
                 shutil.rmtree(target, ignore_errors=True)  # an incomplete or stale copy under the same key
                 os.replace(staging, target)
             finally:

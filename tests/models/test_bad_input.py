@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -152,3 +153,42 @@ def test_weights_split_across_devices_are_refused(checkpoint: Path, tmp_path: Pa
     device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "disk"}
     with pytest.raises(ValueError, match="non-expert weights on one device"):
         load(checkpoint, cache_frac=0.5, device_map=device_map, offload_folder=str(tmp_path / "offload"))
+
+
+def rewrite(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+DOWN = "model.layers.1.mlp.experts.3.down_proj.weight"  # [hidden 32, intermediate 16]
+
+
+SHAPE_ERROR = r"down_proj.weight has shape \[{}\], expected \[32, 16\]"
+EXTRA = "model.layers.0.mlp.experts.16.up_proj.weight"
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda t: t.update({DOWN: t[DOWN].T.contiguous()}), SHAPE_ERROR.format("16, 32")),  # transposed
+        (lambda t: t.update({DOWN: torch.zeros(15, 32)}), SHAPE_ERROR.format("15, 32")),
+        (lambda t: t.update({EXTRA: torch.zeros(16, 32)}), "experts.16.up_proj.weight is expert 16, but the config "
+         "has 16 experts per layer"),
+        (lambda t: t.update({DOWN: t[DOWN].half()}), r"down_proj.weight is F16, but .* is F32"),
+    ],
+)  # fmt: skip
+def test_expert_tensors_are_checked_by_shape_and_dtype(checkpoint: Path, tmp_path: Path, change, error: str) -> None:  # type: ignore[no-untyped-def]
+    path = copy_of(checkpoint, tmp_path)
+    rewrite(path, change)
+    with pytest.raises(CheckpointError, match=error) as raised:
+        load(path, cache_frac=0.5)
+    assert str(path) in str(raised.value)
+
+
+def test_a_fused_tensor_with_too_few_experts(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    path = copy_of(checkpoints["fused"], tmp_path)
+    name = "model.layers.2.mlp.experts.gate_up_proj"
+    rewrite(path, lambda t: t.update({name: t[name][:15].contiguous()}))
+    with pytest.raises(CheckpointError, match=r"gate_up_proj has shape \[15, 32, 32\], expected \[16, 32, 32\]"):
+        load(path, cache_frac=0.5)

@@ -150,7 +150,7 @@ def test_mixed_precisions_through_engine_payload_and_arena(checkpoint: Path) -> 
     computes exactly as straight from the store, resident bytes never exceed the capacity."""
     precisions = ("fp32", "int8", "hqq2")
     formats = {p: get_format(p) for p in precisions}
-    experts = ExpertCheckpoint(checkpoint_files(checkpoint), MLP_EXPERT_KEYS, range(4), 16)
+    experts = ExpertCheckpoint(checkpoint_files(checkpoint), MLP_EXPERT_KEYS, range(4), 16, TINY_SHAPE)
     store = RamStore.build(experts, list(formats.values()), TINY_SHAPE, pin=False, progress=False)
     sizes = {p: fmt.nbytes(TINY_SHAPE) for p, fmt in formats.items()}
     capacity = 3 * sizes["fp32"] + 100
@@ -251,7 +251,8 @@ def test_a_changed_checkpoint_is_quantized_again(
     assert len(quantizations) == EXPERTS  # new content, new copies
     changed = [key for key in before if not torch.equal(before[key], after[key])]
     assert changed == [ExpertKey(1, 3, "nf4")]
-    for _, expert, gate_up, down in ExpertCheckpoint(checkpoint_files(path), MLP_EXPERT_KEYS, [1], 8):
+    trained_shape = ExpertShape(TRAINED["hidden_size"], TRAINED["intermediate_size"])
+    for _, expert, gate_up, down in ExpertCheckpoint(checkpoint_files(path), MLP_EXPERT_KEYS, [1], 8, trained_shape):
         if expert == 3:  # the new copy is the new weights quantized
             assert torch.equal(after[ExpertKey(1, 3, "nf4")], get_format("nf4").pack(gate_up, down))
 
@@ -269,7 +270,25 @@ def test_a_damaged_copy_is_quantized_again(
     with load(trained.path, cache_frac=0.5, expert_precisions="hqq4") as model:
         assert len(quantizations) == EXPERTS
         assert all(torch.equal(first[k], v) for k, v in buffers(model).items())
-    assert json.loads(manifest.read_text())["format"]["name"] == "hqq4"
+    assert json.loads(manifest.read_text())["key"]["format"]["name"] == "hqq4"
+
+
+def test_flipped_bytes_in_a_saved_copy_are_caught_and_quantized_again(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quantizations: list[str]
+) -> None:
+    monkeypatch.setenv("SPECMD_CACHE_DIR", str(tmp_path))
+    with load(trained.path, cache_frac=0.5, expert_precisions="int8") as model:
+        first = buffers(model)
+    quantizations.clear()
+    layer = next((tmp_path / "quant").glob("int8-*/layer-1.safetensors"))
+    saved = load_file(layer)
+    saved["experts"][3, 17] ^= 0xFF  # one flipped byte; the file stays well formed
+    save_file(saved, layer)
+    with pytest.warns(UserWarning, match="experts of layer 1 .* are damaged"):
+        model = load(trained.path, cache_frac=0.5, expert_precisions="int8")
+    with model:
+        assert len(quantizations) == EXPERTS
+        assert all(torch.equal(first[k], v) for k, v in buffers(model).items())
 
 
 # ---- live == replay -------------------------------------------------------------------------------------
