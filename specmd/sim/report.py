@@ -2,7 +2,9 @@
 
 For each setting (trace, hardware, link) it writes: total vs collision misses per policy at each
 capacity (paper Fig. 4/8), per-layer collision rates (Fig. 5/9), prefetch precision and recall, and hit
-rate against stall (Fig. 6), hit rate and TTFT against capacity, and each policy's gap to Belady.
+rate against stall (Fig. 6), hit rate and TTFT against capacity, and each policy's gap to Belady, in
+points and as the share of the gap between the better of LRU and LFU (at the same prefetch, miss and
+routing) and Belady that the policy closes.
 """
 
 from __future__ import annotations
@@ -74,23 +76,48 @@ def report(results: str | os.PathLike[str], out: str | os.PathLike[str]) -> list
 
 
 # ---- tables ---------------------------------------------------------------------------------------
+ONLINE_FLOOR = ("lru", "lfu")
+"""The online evictions whose better hit rate is the floor of "gap to Belady closed"."""
+
+
+def _floors(group: Sequence[dict[str, Any]]) -> dict[tuple[float, str, str, str], float]:
+    """max(LRU, LFU) hit rate per (capacity, prefetch, miss, routing), where the group has both rows."""
+    found: dict[tuple[float, str, str, str], dict[str, float]] = defaultdict(dict)
+    for r in group:
+        if not r["baseline"] and r["eviction"] in ONLINE_FLOOR:
+            found[(r["cache_frac"], r["prefetch"], r["miss"], r["routing"])][r["eviction"]] = r["hit_rate"]
+    return {key: max(rates.values()) for key, rates in found.items() if len(rates) == len(ONLINE_FLOOR)}
+
+
+def gap_closed(row: dict[str, Any], belady: float | None, floor: float | None) -> float | None:
+    """The share of the gap between the online floor (max of LRU and LFU at the row's prefetch, miss and routing
+    and setting) and Belady that `row` closes: (hit - floor) / (Belady - floor); None when either is unknown or
+    Belady is not above the floor."""
+    if belady is None or floor is None or belady - floor <= 0:
+        return None
+    return float((row["hit_rate"] - floor) / (belady - floor))
+
+
 def _tables(group: Sequence[dict[str, Any]]) -> list[str]:
     belady = {r["cache_frac"]: r["hit_rate"] for r in group if r["baseline"] == "belady"}
+    floors = _floors(group)
     lines = []
     for frac in sorted({r["cache_frac"] for r in group}):
         at = sorted((r for r in group if r["cache_frac"] == frac), key=lambda r: (r["baseline"] != "", label(r)))
         lines.append(f"### cache {frac:.0%}\n")
         lines.append(
             "| policy | hit rate | late | misses | collision misses | prefetch precision | recall | stall ms "
-            "| TTFT ms | tokens/s | gap to Belady |"
+            "| TTFT ms | tokens/s | gap to Belady | gap to Belady closed |"
         )
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in at:
             gap = f"{(belady[frac] - r['hit_rate']) * 100:+.1f} pts" if frac in belady else "-"
+            closed = gap_closed(r, belady.get(frac), floors.get((frac, r["prefetch"], r["miss"], r["routing"])))
             lines.append(
                 f"| {label(r)} | {r['hit_rate']:.1%} | {r['late_prefetches']} | {r['misses']} | "
                 f"{r['collision_misses']} | {r['prefetch_precision']:.1%} | {r['prefetch_recall']:.1%} | "
-                f"{r['stall_s'] * 1e3:.2f} | {r['ttft_s'] * 1e3:.3f} | {r['tokens_per_s']:,.0f} | {gap} |"
+                f"{r['stall_s'] * 1e3:.2f} | {r['ttft_s'] * 1e3:.3f} | {r['tokens_per_s']:,.0f} | {gap} | "
+                f"{'-' if closed is None else f'{closed:.0%}'} |"
             )
         lines.append("")
     return lines

@@ -8,6 +8,7 @@ also checked victim by victim against brute-force reference models.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -102,10 +103,12 @@ def reference_victims(stream, capacity: int, order):  # type: ignore[no-untyped-
 
     `order(key, state)` ranks evictable keys (lowest first); `state` holds each resident key's last
     (pass, clock) touch, every expert's use count and accumulated routing weight (kept across evictions),
-    the current pass and layer, and the number of layers seen.
+    the current pass and layer, the number of layers seen, and every request so far (pass -> layer ->
+    experts, the current layer's included).
     """
     touched: dict[tuple[int, int], tuple[int, int]] = {}
-    state = {"touched": touched, "uses": {}, "score": {}, "pass": 0, "layer": 0, "span": 1}
+    requested: dict[int, dict[int, set[int]]] = {}
+    state = {"touched": touched, "uses": {}, "score": {}, "pass": 0, "layer": 0, "span": 1, "requests": requested}
     evicted = []
     clock = 0
 
@@ -120,6 +123,7 @@ def reference_victims(stream, capacity: int, order):  # type: ignore[no-untyped-
         state["pass"] = pass_idx
         for layer, requests in layers.items():
             state["layer"] = layer
+            requested.setdefault(pass_idx, {})[layer] = set(requests)
             wanted = sorted(requests)
             for e in wanted:
                 state["score"][(layer, e)] = state["score"].get((layer, e), 0.0) + 0.1 * requests[e]
@@ -137,6 +141,43 @@ def reference_victims(stream, capacity: int, order):  # type: ignore[no-untyped-
     return evicted
 
 
+def next_use_distance(k, s, rate=0.1, window=48, smoothing=0.3):  # type: ignore[no-untyped-def]
+    """next-use's predicted distance to `k`'s next request, recomputed from every request so far.
+
+    The arithmetic follows the policy's operation by operation, so equal distances stay equal.
+    """
+    pass_idx, point, span = s["pass"], LAYERS.index(s["layer"]), len(LAYERS)
+    requests = s["requests"]
+    sets = {q: {(layer, e) for layer, es in by_layer.items() for e in es} for q, by_layer in requests.items()}
+    period, confidence, lags = 0, 0.0, [0.0] * (window + 1)
+    for done in range(1, pass_idx):  # every finished pass scores every lag
+        period, confidence = 0, 0.0
+        for lag in range(1, window + 1):
+            earlier = sets.get(done - lag)
+            share = len(sets[done] & earlier) / len(sets[done]) if earlier is not None else 0.0
+            lags[lag] = (1.0 - smoothing) * lags[lag] + smoothing * share
+            if lags[lag] > confidence:
+                period, confidence = lag, lags[lag]
+    used = [q for q in sorted(requests) if k[1] in requests[q].get(k[0], ())]
+    r, updated = 0.0, 0
+    for q in used:
+        r, updated = r * (1.0 - rate) ** (q - updated) + rate, q
+    p = r * (1.0 - rate) ** (pass_idx - updated)
+    position = LAYERS.index(k[0])
+    ahead = position > point
+    reach = position - point if ahead else span + position - point
+    if p <= 0.0:
+        return math.inf
+    frequency = 1.0 / p - 1.0
+    h = frequency
+    if period:
+        first = pass_idx - period if ahead else pass_idx + 1 - period
+        later = [q for q in used if q >= first]
+        loop = float(later[0] - first) if later else period + frequency
+        h = confidence * loop + (1.0 - confidence) * frequency
+    return reach - span * -h
+
+
 REFERENCE_ORDER = {
     "lru": lambda k, s: s["touched"][k][1],
     # groups stale-left, current-left, stale-right, current-right (left: the layers the pass has looked up);
@@ -150,6 +191,8 @@ REFERENCE_ORDER = {
     "lhu": lambda k, s: (s["uses"][k], s["touched"][k][1]),  # one full-precision copy: high uses = uses
     "fld": lambda k, s: (-((k[0] - s["layer"]) % s["span"]), s["touched"][k][1]),
     "score": lambda k, s: (s["score"].get(k, 0.0), s["touched"][k][1]),
+    # the farthest predicted next request first, then the least recent
+    "next-use": lambda k, s: (-next_use_distance(k, s), s["touched"][k][1]),
 }
 
 

@@ -121,3 +121,48 @@ def test_three_commands_from_a_model_to_a_report(tmp_path: Path) -> None:
     replayed = json.loads(specmd("replay", "t.jsonl", "--policy", "none/belady/fetch/standard", "--cache-frac", "0.1",
                                  "--json"))  # fmt: skip
     assert replayed["stats"]["requests"] > 0
+
+
+def table_rows(text: str, capacity: str) -> dict[str, list[str]]:
+    """The rows of report.md's table at `capacity` ("10%"): policy label -> its cells."""
+    section = text.split(f"### cache {capacity}\n")[1].strip("\n").split("\n\n")[0]
+    lines = section.splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[-2:] == ["gap to Belady", "gap to Belady closed"]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+
+
+def test_report_shows_the_share_of_the_gap_to_belady_closed(recorded: Path, tmp_path: Path) -> None:
+    policies = ("none/lru/fetch/standard", "none/lfu/fetch/standard", "none/next-use/fetch/standard",
+                "none/fld/fetch/standard", "topk/lru/fetch/standard")  # fmt: skip
+    sweep(grid(recorded, policies=policies, cache_fracs=(0.1,), bandwidths=(None,)), tmp_path / "r.csv", jobs=1,
+          progress=False)  # fmt: skip
+    hits = {
+        (r["prefetch"], r["eviction"], r["baseline"]): float(r["hit_rate"]) for r in read_results(tmp_path / "r.csv")
+    }
+    floor, belady = max(hits[("none", "lru", "")], hits[("none", "lfu", "")]), hits[("none", "belady", "belady")]
+    assert belady > floor  # this trace leaves a gap at 10%
+    report(tmp_path / "r.csv", tmp_path / "report")
+    rows = table_rows((tmp_path / "report" / "report.md").read_text(), "10%")
+    for name in ("lru", "lfu", "next-use", "fld"):
+        expected = (hits[("none", name, "")] - floor) / (belady - floor)
+        assert rows[f"none/{name}"][-1] == f"{expected:.0%}"
+    assert rows["none/belady"][-1] == "100%"
+    assert rows["topk/lru"][-1] == "-"  # no topk/lfu row: no floor at that prefetch
+    assert rows["none/belady"][-2] == "+0.0 pts"  # the gap in points stays
+
+
+def test_gap_closed_needs_both_floors_and_a_positive_gap() -> None:
+    from specmd.sim.report import _floors, gap_closed
+
+    def row(eviction: str, hit: float, prefetch: str = "none") -> dict:
+        return {"cache_frac": 0.1, "prefetch": prefetch, "eviction": eviction, "miss": "fetch",
+                "routing": "standard", "baseline": "", "hit_rate": hit}  # fmt: skip
+
+    floors = _floors([row("lru", 0.2), row("lfu", 0.3), row("next-use", 0.5), row("lru", 0.6, "topk")])
+    assert floors == {(0.1, "none", "fetch", "standard"): 0.3}  # topk has LRU only
+    assert gap_closed(row("next-use", 0.5), 0.7, 0.3) == pytest.approx(0.5)
+    assert gap_closed(row("lru", 0.2), 0.7, 0.3) == pytest.approx(-0.25)  # below the floor: negative
+    assert gap_closed(row("next-use", 0.5), 0.3, 0.3) is None  # Belady not above the floor
+    assert gap_closed(row("next-use", 0.5), None, 0.3) is None
+    assert gap_closed(row("next-use", 0.5), 0.7, None) is None
