@@ -10,14 +10,19 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from safetensors import SafetensorError, safe_open
 
 from specmd.cache.live.store import ExpertWeights
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -25,6 +30,26 @@ SINGLE_FILE = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read: missing, truncated, or lacking expert weights."""
+
+
+@contextmanager
+def config_errors(source: str | os.PathLike[str]) -> Iterator[None]:
+    """Inside, a config value transformers refuses (a string for a count, a float for an integer...) is a
+    `CheckpointError` naming it, not transformers' validation error: the checkpoint is at fault, not the code."""
+    try:
+        yield
+    except (StrictDataclassFieldValidationError, StrictDataclassClassValidationError) as exc:
+        cause = " ".join(str(exc.__cause__ or exc).split())
+        raise CheckpointError(f"{source}: the config has a value of the wrong type: {cause}") from exc
+
+
+def read_config(path: str | os.PathLike[str], **hub_kwargs: Any) -> PretrainedConfig:
+    """The config of a checkpoint directory, config.json or hub id, through `AutoConfig` (`hub_kwargs`: its
+    `revision`, `cache_dir`, ...); a value of the wrong type is a `CheckpointError`."""
+    from transformers import AutoConfig
+
+    with config_errors(path):
+        return AutoConfig.from_pretrained(path, **hub_kwargs)
 
 
 # transformers' runtime layout: what `save_pretrained(..., save_original_format=False)` writes, for every model.
