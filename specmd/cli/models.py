@@ -110,7 +110,9 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     if not sequences:
         raise ValueError(f"--text {args.text} has fewer than 2 tokens")
     config = read_config(path)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=options.torch_dtype(args.dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=options.torch_dtype(args.dtype), trust_remote_code=False
+    ).eval()
     stats = routing_stats(model, sequences)
     output.emit(args, {"model": args.model, "text": args.text, "window": args.window} | stats.to_dict())
     if not args.json:

@@ -266,13 +266,13 @@ def add_jobs(parser: argparse.ArgumentParser, text: str = "worker processes (def
 
 
 def load_tokenizer(path: str) -> Any:
-    """The tokenizer of a model directory or hub id."""
+    """The tokenizer of a model directory or hub id; none of the checkpoint's own code runs."""
     from transformers import AutoTokenizer
 
     from specmd.offload_models.checkpoint import config_errors
 
     with config_errors(path):  # a tokenizer may read the model's config
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[Any]:

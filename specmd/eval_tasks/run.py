@@ -42,7 +42,7 @@ def evaluate(
     """Evaluate `model` (a checkpoint, hub id or "default") on lm_eval `tasks`; lm_eval's results dict.
 
     `data` is where specmd's tasks read documents: "fixtures", "hub" or a JSONL directory (`data.py`); the
-    cache settings are `from_pretrained`'s.
+    cache settings are `from_pretrained`'s. No code of the checkpoint's own runs (`trust_remote_code=False`).
     """
     from specmd.default_model import default_model_path
     from specmd.offload_models.checkpoint import read_config
@@ -64,6 +64,7 @@ def evaluate(
         "expert_precisions": expert_precisions,
         "dtype": dtype,
         "progress": progress,
+        "trust_remote_code": False,
     }
     if policy is not None:
         model_args["policy"] = policy

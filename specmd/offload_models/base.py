@@ -164,7 +164,8 @@ class OffloadMixin:
     ) -> Any:
         """Load a checkpoint with its experts in a cache of `cache_frac` (or `cache_bytes`).
 
-        Every other keyword goes to transformers' `from_pretrained` (`dtype`, `device_map`, ...).
+        Every other keyword goes to transformers' `from_pretrained` (`dtype`, `device_map`, ...). No code of the
+        checkpoint's own runs unless `trust_remote_code=True` is passed (None counts as False: no prompt).
         All settings are checked before anything loads; an error leaves nothing loaded and no thread.
 
         Example::
@@ -189,11 +190,13 @@ class OffloadMixin:
             progress=progress,
         )
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs["trust_remote_code"] = kwargs.get("trust_remote_code") is True
         hub = {k: kwargs.get(k) for k in ("revision", "subfolder", "cache_dir", "token", "local_files_only")}
         config = kwargs.pop("config", None)
         if not isinstance(config, PretrainedConfig):
             config = read_config(
                 pretrained_model_name_or_path,
+                trust_remote_code=kwargs["trust_remote_code"],
                 **{k: v for k, v in hub.items() if v is not None},
             )
         cls._check_config(config)

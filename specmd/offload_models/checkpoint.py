@@ -43,13 +43,20 @@ def config_errors(source: str | os.PathLike[str]) -> Iterator[None]:
         raise CheckpointError(f"{source}: the config has a value of the wrong type: {cause}") from exc
 
 
-def read_config(path: str | os.PathLike[str], **hub_kwargs: Any) -> PretrainedConfig:
-    """The config of a checkpoint directory, config.json or hub id, through `AutoConfig` (`hub_kwargs`: its
-    `revision`, `cache_dir`, ...); a value of the wrong type is a `CheckpointError`."""
+def read_config(
+    path: str | os.PathLike[str], *, trust_remote_code: bool | None = False, **hub_kwargs: Any
+) -> PretrainedConfig:
+    """The config of a checkpoint directory, config.json or hub id, through `AutoConfig`.
+
+    A checkpoint's own code (its config's `auto_map`) runs only with `trust_remote_code=True`; anything else,
+    None included, is False, so transformers never asks on a terminal (a checkpoint that needs its code is then
+    a ValueError). `hub_kwargs` go to `AutoConfig.from_pretrained` (`revision`, `cache_dir`, ...). A config
+    value of the wrong type is a `CheckpointError` (`config_errors`).
+    """
     from transformers import AutoConfig
 
     with config_errors(path):
-        return AutoConfig.from_pretrained(path, **hub_kwargs)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code is True, **hub_kwargs)
 
 
 # transformers' runtime layout: what `save_pretrained(..., save_original_format=False)` writes, for every model.
