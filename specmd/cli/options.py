@@ -208,7 +208,7 @@ def add_hardware(
 
 def add_shape_from(parser: argparse.ArgumentParser, *, many: bool = False, routing: str = "the trace's") -> None:
     """--shape-from: price experts and compute as another model's (a config.json, directory, hub id or bundled name)."""
-    from specmd.offload_models.info import bundled_configs
+    from specmd.default_model import bundled_configs  # not info's module: it imports transformers' models
 
     parser.add_argument(
         "--shape-from",

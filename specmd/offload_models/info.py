@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from specmd.cache.clock import ModelShape
 from specmd.cache.layout import ExpertLayout
+from specmd.default_model import BUNDLED_CONFIGS, bundled_configs
 from specmd.offload_models.auto import AutoOffloadForCausalLM
 from specmd.offload_models.checkpoint import read_config
 from specmd.quant.formats import ExpertFormat, ExpertShape, get_format, precision_of_dtype, registered_formats
@@ -80,14 +81,6 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"routed_experts": self.routed_experts}
-
-
-BUNDLED_CONFIGS = Path(__file__).parents[1] / "data" / "configs"
-
-
-def bundled_configs() -> list[str]:
-    """The names of the real models' configs that ship with specmd."""
-    return sorted(path.parent.name for path in BUNDLED_CONFIGS.glob("*/config.json"))
 
 
 def load_config(model_or_config: str | os.PathLike[str]) -> PretrainedConfig:
