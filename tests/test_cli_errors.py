@@ -202,3 +202,14 @@ def test_the_console_script_prints_one_line_on_a_narrow_terminal(tmp_path: Path)
         run = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=120, check=False)
         assert run.returncode == 2 and run.stdout == ""
         assert len(run.stderr.splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr
+
+
+def test_ctrl_c_is_exit_130_without_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.models, "cmd_policies", interrupted)
+    errors = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli, "err", errors)
+    assert cli.main(["policies"]) == 130
+    assert errors.export_text() == "interrupted\n"

@@ -7,6 +7,7 @@ Every command has --help and --json.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -30,15 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; a user error (a bad argument, value or file) prints one line and returns 2.
+    """Run one command; a user error (a bad argument, value or file) prints one line and returns 2, Ctrl-C 130.
 
     Errors that are not the user's (bugs) propagate with their traceback.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv  # the command line, for a command to show how to run it again
         return args.func(args)
     except (UsageError, ValueError, OSError) as exc:
         return _user_error(exc)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback (a sweep says how to resume itself)
+        err.print("interrupted", style="red", highlight=False)
+        return 130
     except ImportError as exc:  # a precision whose optional library is missing: the message names the extra
         from specmd.quant.formats import MissingBackendError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from specmd import cli
@@ -139,7 +140,7 @@ def _add_sweep(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from specmd.sim.sweep import SweepGrid, sweep
+    from specmd.sim.sweep import SweepGrid, SweepInterrupted, sweep
 
     given = {
         "traces": args.traces,
@@ -160,7 +161,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.no_baselines:
         grid = SweepGrid(**{**grid.__dict__, "baselines": False})
     shapes = {name: options.priced_as(name) for name in grid.shape_from if name}
-    rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json, shapes=shapes)
+    try:
+        rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json, shapes=shapes)
+    except SweepInterrupted as stop:
+        cli.err.print(
+            f"interrupted: {stop.done} of {stop.total} runs are in {stop.path}; run the same command again to "
+            f"resume: specmd {shlex.join(args.argv)}",
+            soft_wrap=True, highlight=False, markup=False,
+        )  # fmt: skip
+        return 130
     output.emit(args, {"results": args.out, "new_runs": len(rows), "runs": len(grid.runs())})
     if not args.json:
         cli.out.print(f"{len(rows)} new runs of {len(grid.runs())} written to {args.out}")

@@ -4,10 +4,11 @@ Runs go to a CSV file as they finish; running the same sweep again skips rows al
 interrupted sweep resumes. Every sweep adds the baselines: Belady (offline-optimal eviction, no
 prefetch) at each setting, and an unbounded cache (cache_frac=1.0) per trace, link and hardware.
 
-Each row lands whole: one write of one complete line, then fsync, so a
+Each row lands whole: one write of one complete line, then fsync, with Ctrl-C held off meanwhile, so a
 crash (kill -9, a full disk) can tear only the row being written. Reading finds such a torn last row (no
 line end, a field missing, a number or JSON cut short): `read_results` leaves it out and a resumed sweep cuts
-it off, each with a one-line notice, so it runs again.
+it off, each with a one-line notice, so it runs again. Ctrl-C stops a parallel sweep at once: the runs in
+flight are dropped, their workers terminated, and `SweepInterrupted` says how far it got.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field, fields
 from itertools import product
 from pathlib import Path
@@ -53,6 +56,14 @@ PARSERS: dict[str, Callable[[str], Any]] = {"cache_frac": float} | {
     name: _NUMBERS.get(kind, json.loads) for name, kind in get_type_hints(CacheStats).items() if name in STAT_COLUMNS
 }
 log = logging.getLogger(__name__)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a sweep: `done` of its `total` runs are in the CSV `path`; the same sweep again resumes."""
+
+    def __init__(self, path: Path, done: int, total: int) -> None:
+        super().__init__(f"{path}: {done} of {total} runs done")
+        self.path, self.done, self.total = path, done, total
 
 
 def _bandwidth(value: Any) -> float | str | None:
@@ -281,6 +292,25 @@ def _repair(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Inside, Ctrl-C waits: it is raised on leaving, so what is inside (a row's write) finishes first.
+
+    Only the main thread can move the handler; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)
+
+
 class _ResultsFile:
     """Appends rows to a results CSV so that each lands whole: a row is one write of one complete line, then
     fsync; a write that fails part way (a full disk) is cut back off. A new or empty file gets the header."""
@@ -347,24 +377,54 @@ def sweep(
     results = _ResultsFile(target)
     bar = tqdm(total=len(todo), desc="specmd sweep", unit="run", disable=not progress)
     try:
-        for row in _execute(todo, jobs, shapes):
-            results.write(row)
-            new_rows.append(row)
-            bar.update()
+        with closing(_execute(todo, jobs, shapes)) as finished:  # closing it stops the workers
+            for row in finished:
+                with _sigint_held():  # a row is written whole and counted, or neither
+                    results.write(row)
+                    new_rows.append(row)
+                    bar.update()
+    except KeyboardInterrupt:
+        raise SweepInterrupted(target, len(runs) - len(todo) + len(new_rows), len(runs)) from None
     finally:
         bar.close()
         results.close()
     return new_rows
 
 
+def _ignore_sigint() -> None:
+    """A worker leaves Ctrl-C to the parent, which stops it (a terminal sends it to the whole group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _execute(runs: Sequence[Run], jobs: int | None, shapes: Mapping[str, ExpertLayout]) -> Iterator[dict[str, Any]]:
+    """Each run's row as it finishes, in `jobs` processes. Closed early (Ctrl-C, an error), it drops the runs not
+    finished and terminates the workers, returning at once."""
     workers = min(jobs or os.cpu_count() or 1, len(runs))
     if workers <= 1:
         for run in runs:
             yield run_one(run, shapes.get(run.shape_from))
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    try:
         futures = [pool.submit(run_one, run, shapes.get(run.shape_from)) for run in runs]
         for future in as_completed(futures):
             yield future.result()
+    except BaseException:
+        _stop(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Drop the runs not started, terminate the workers (dropping the runs in flight), and wait for both."""
+    processes = list((pool._processes or {}).values())  # before shutdown forgets them
+    manager = pool._executor_manager_thread
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
+    if manager is not None:
+        manager.join()

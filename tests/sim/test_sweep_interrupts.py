@@ -1,5 +1,5 @@
 """Sweeps survive what clusters do to them: a torn last row (kill -9, a full disk) is found and run again, never
-counted as done."""
+counted as done; Ctrl-C stops a sweep at once, keeps every finished row and says how to resume."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import errno
 import io
 import logging
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from specmd.sim import sweep as sweep_module
 from specmd.sim.report import report
-from specmd.sim.sweep import COLUMNS, SweepGrid, read_results, sweep
+from specmd.sim.sweep import COLUMNS, SweepGrid, SweepInterrupted, read_results, sweep
+from tests.sim.conftest import random_trace
 
 POLICIES = ("none/lru/fetch/standard", "none/least-stale/fetch/standard")
 
@@ -136,3 +142,81 @@ def test_a_write_that_fails_part_way_is_cut_back(
     monkeypatch.undo()
     assert len(sweep(grid(recorded), path, jobs=1, progress=False)) == 7 - 3  # less lru@10%, Belady, unbounded
     assert len(keys(path)) == 7
+
+
+def test_ctrl_c_during_a_write_waits_for_the_row(
+    recorded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a row is written: the row lands whole and is counted, then the sweep stops."""
+    path = tmp_path / "r.csv"
+    real_fsync, rows = os.fsync, []
+
+    def fsync_then_ctrl_c(fd: int) -> None:
+        real_fsync(fd)
+        rows.append(fd)
+        if len(rows) == 3:  # the header, then two rows
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(sweep_module.os, "fsync", fsync_then_ctrl_c)
+    with pytest.raises(SweepInterrupted) as stop:
+        sweep(grid(recorded), path, jobs=1, progress=False)
+    assert (stop.value.done, stop.value.total, stop.value.path) == (2, 7, path)
+    assert len(read_results(path)) == 2 and path.read_bytes().endswith(b"\r\n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_between_runs_keeps_the_finished_rows(
+    recorded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "r.csv"
+    real_run, started = sweep_module.run_one, []
+
+    def run_then_ctrl_c(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started.append(1)
+        if len(started) == 4:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run_one", run_then_ctrl_c)
+    with pytest.raises(SweepInterrupted) as stop:
+        sweep(grid(recorded), path, jobs=1, progress=False)
+    assert stop.value.done == 3 and len(read_results(path)) == 3
+    monkeypatch.undo()
+    assert len(sweep(grid(recorded), path, jobs=1, progress=False)) == 4
+    assert len(keys(path)) == len(set(keys(path))) == 7
+
+
+def test_ctrl_c_stops_a_parallel_sweep_at_once_and_it_resumes(tmp_path: Path) -> None:
+    """`specmd sweep` in 2 processes, Ctrl-C from a terminal (the whole process group), then the same command."""
+    trace = random_trace(0, layers=8, experts=32, top_k=4, tokens=1000).save(tmp_path / "trace.npz")
+    out = tmp_path / "r.csv"
+    args = ["sweep", str(trace), "--policy", POLICIES[0], "--policy", POLICIES[1], "--cache-frac", "0.05", "0.1",
+            "0.2", "0.3", "--bandwidth-gbps", "5", "native", "--jobs", "2", "--out", str(out)]  # fmt: skip
+    exe = str(Path(sys.executable).with_name("specmd"))
+    env = os.environ | {"COLUMNS": "200"}
+    process = subprocess.Popen(
+        [exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while (not out.exists() or out.read_bytes().count(b"\n") < 3) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    sent = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the sweep and its workers
+    stdout, stderr = process.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert process.returncode == 130, stderr
+    assert took < 5, f"took {took:.1f} s to stop"
+    assert "Traceback" not in stderr and stdout == ""
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1, stderr
+    done = len(read_results(out))
+    assert 2 <= done < 26 and out.read_bytes().endswith(b"\r\n")
+    assert lines[0].startswith(f"interrupted: {done} of 26 runs are in {out}; run the same command again to resume: ")
+    command = shlex.split(lines[0].split("resume: ", 1)[1])
+    assert command == ["specmd", *args]
+    again = subprocess.run([exe, *command[1:]], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr
+    assert f"{26 - done} new runs of 26" in again.stdout
+    rows = keys(out)
+    assert len(rows) == len(set(rows)) == 26
