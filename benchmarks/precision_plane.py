@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     text = (Path(sysconfig.get_paths()["stdlib"]) / "dataclasses.py").read_text()
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : 256 * args.windows].reshape(args.windows, 256)
     print(f"{args.windows} windows x 256 tokens of dataclasses.py; cache {args.cache_frac:.0%}, a100, 5 GB/s")

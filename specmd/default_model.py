@@ -14,6 +14,14 @@ from pathlib import Path
 import platformdirs
 
 NAME = "olmoe-stdlib"
+# The configs of the four models the SpecMD paper studies (`specmd.offload_models.info` reads them); listing
+# them imports nothing heavy, so the command line's help can name them.
+BUNDLED_CONFIGS = Path(__file__).parent / "data" / "configs"
+
+
+def bundled_configs() -> list[str]:
+    """The names of the real models' configs that ship with specmd."""
+    return sorted(path.parent.name for path in BUNDLED_CONFIGS.glob("*/config.json"))
 
 
 def cache_dir() -> Path:

@@ -69,9 +69,9 @@ def test_generate_prints_text_and_metrics(cache_dir: Path, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--cache-frac", "1.5"], "cache_frac must be a number with 0 < cache_frac <= 1, got 1.5"),
+        (["--cache-frac", "1.5"], "argument --cache-frac: must be a number with 0 < value <= 1, got '1.5'"),
         (["--policy", "topk/mru/fetch/standard"], "valid eviction policies: lru, least-stale (ls)"),
-        (["--bandwidth-gbps", "0"], "bandwidth_gbps must be a number > 0"),
+        (["--bandwidth-gbps", "0"], "argument --bandwidth-gbps: must be a number > 0"),
     ],
 )
 def test_generate_reports_bad_input(

@@ -25,10 +25,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     options.add_policy(evaluate)
     options.add_offload_options(evaluate, bandwidth=5.0)
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    evaluate.add_argument("--batch-size", type=int, default=1)
-    evaluate.add_argument("--limit", type=float, help="documents per task (a fraction if below 1)")
-    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
-    evaluate.add_argument("--max-gen-toks", type=int, help="longest generation (default: lm_eval's, 256)")
+    evaluate.add_argument("--batch-size", type=options.positive_int, default=1, help="requests per batch (1)")
+    evaluate.add_argument("--limit", type=options.positive_float, help="documents per task (a fraction if below 1)")
+    evaluate.add_argument(
+        "--num-fewshot", type=options.non_negative_int, help="few-shot examples (default: each task's own)"
+    )
+    evaluate.add_argument(
+        "--max-gen-toks", type=options.positive_int, help="longest generation (default: lm_eval's, 256)"
+    )
     evaluate.add_argument("--log-samples", action="store_true", help="keep every prompt and output in the result")
     evaluate.add_argument(
         "--print-task-dir", action="store_true", help="print the task directory for `lm_eval --include_path` and exit"

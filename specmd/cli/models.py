@@ -88,25 +88,31 @@ def _add_routing_stats(commands: argparse._SubParsersAction[argparse.ArgumentPar
     routing = commands.add_parser("routing-stats", help="per-layer routing statistics that matter to a cache")
     options.add_model(routing)
     routing.add_argument("--text", required=True, help="a UTF-8 text file to run the model over")
-    routing.add_argument("--window", type=int, default=512, help="tokens per forward pass (512)")
-    routing.add_argument("--max-tokens", type=int, default=8192, help="use at most this many tokens of the text")
+    routing.add_argument("--window", type=options.integer(2), default=512, help="tokens per forward pass (512)")
+    routing.add_argument(
+        "--max-tokens", type=options.integer(2), default=8192, help="use at most this many tokens of the text"
+    )
     options.add_dtype(routing, "model dtype (auto: as saved)")
     options.add_output(routing)
     routing.set_defaults(func=cmd_routing_stats)
 
 
 def cmd_routing_stats(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from specmd.offload_models.checkpoint import read_config
     from specmd.sim.routing_stats import routing_stats, text_sequences
 
     path = options.model_path(args.model)
     text = Path(args.text).read_text(encoding="utf-8", errors="replace")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = options.load_tokenizer(path)
     sequences = text_sequences(tokenizer, text, args.window, args.max_tokens)
     if not sequences:
         raise ValueError(f"--text {args.text} has fewer than 2 tokens")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=options.torch_dtype(args.dtype)).eval()
+    config = read_config(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=options.torch_dtype(args.dtype), trust_remote_code=False
+    ).eval()
     stats = routing_stats(model, sequences)
     output.emit(args, {"model": args.model, "text": args.text, "window": args.window} | stats.to_dict())
     if not args.json:

@@ -7,7 +7,9 @@ describe. Heavy imports (torch, transformers, the model classes) wait inside the
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 BUNDLED = "default"  # the model name that stands for the bundled model
@@ -17,6 +19,79 @@ LINK_VALUES = f"GB/s, {NATIVE!r} or {PROFILE!r}"
 MODEL_HELP = "model directory or hub id, or 'default'"
 POLICY_HELP = "prefetch/eviction/miss/routing"
 JSON_HELP = "print machine-readable JSON instead of tables"
+
+
+# ---- the parser and the values it takes -------------------------------------------------------------
+class UsageError(Exception):
+    """A command line argparse refuses: `main` prints it as one line and exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are a `UsageError` (one line, exit 2) instead of usage text and exit."""
+
+    def error(self, message: str) -> Any:  # argparse's hook; every parse error comes through here
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = integer(1)
+non_negative_int = integer(0)
+
+
+def _number(text: str, what: str, allowed: Callable[[float], bool]) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not allowed(value):
+        raise argparse.ArgumentTypeError(f"must be a number {what}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    return _number(text, "> 0", lambda v: v > 0)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    return _number(text, ">= 0", lambda v: v >= 0)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number with 0 < value <= 1 (a share of all expert bytes)."""
+    return _number(text, "with 0 < value <= 1", lambda v: 0 < v <= 1)
+
+
+def prompt_text(text: str) -> str:
+    """An argparse type: a prompt, which must not be empty (the model needs a token to start from)."""
+    if not text:
+        raise argparse.ArgumentTypeError("a prompt must hold at least one character, got ''")
+    return text
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file to write, whose folder must exist (checked before anything runs)."""
+    folder = Path(text).expanduser().parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} does not exist")
+    if Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: it is a folder; give a file name")
+    return text
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -63,17 +138,27 @@ def add_policy(parser: argparse.ArgumentParser, text: str = POLICY_HELP, *, many
 
 
 # ---- the cache, the link and the hardware ------------------------------------------------------
-def add_cache_size(parser: argparse.ArgumentParser, *, default: float | None = 0.05) -> None:
-    """--cache-frac or --cache-bytes, not both; with no --cache-frac default one of them is required."""
+def add_cache_size(parser: argparse.ArgumentParser, *, default: float | None = 0.05, many: bool = False) -> None:
+    """--cache-frac or --cache-bytes, not both; with no --cache-frac default one of them is required.
+
+    With `many`, only --cache-frac, a list of capacities.
+    """
+    if many:
+        parser.add_argument(
+            "--cache-frac", type=fraction, nargs="+", help="capacities as fractions of all expert bytes"
+        )
+        return
     size = parser.add_mutually_exclusive_group(required=default is None)
     size.add_argument(
         "--cache-frac",
-        type=float,
+        type=fraction,
         default=default,
         help="fraction of all expert bytes cached" + (f" ({default})" if default else ""),
     )
     size.add_argument(
-        "--cache-bytes", type=int, help="cache capacity in bytes" + (", instead of --cache-frac" if default else "")
+        "--cache-bytes",
+        type=positive_int,
+        help="cache capacity in bytes" + (", instead of --cache-frac" if default else ""),
     )
 
 
@@ -87,9 +172,9 @@ def parse_bandwidth(text: str) -> float | str | None:
     if text in (NATIVE, PROFILE):
         return None if text == NATIVE else text
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of {LINK_VALUES}") from None
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 of {LINK_VALUES}, got {text!r}") from None
 
 
 def add_link(parser: argparse.ArgumentParser, default: float | str | None = None, *, many: bool = False) -> None:
@@ -123,7 +208,7 @@ def add_hardware(
 
 def add_shape_from(parser: argparse.ArgumentParser, *, many: bool = False, routing: str = "the trace's") -> None:
     """--shape-from: price experts and compute as another model's (a config.json, directory, hub id or bundled name)."""
-    from specmd.offload_models.info import bundled_configs
+    from specmd.default_model import bundled_configs  # not info's module: it imports transformers' models
 
     parser.add_argument(
         "--shape-from",
@@ -172,11 +257,39 @@ def load_model(args: argparse.Namespace, policy: str) -> Any:
     )
 
 
-def continuations(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of each prompt, one request at a time."""
-    texts = []
+def add_max_new_tokens(parser: argparse.ArgumentParser, text: str = "tokens generated per prompt (32)") -> None:
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help=text)
+
+
+def add_jobs(parser: argparse.ArgumentParser, text: str = "worker processes (default: one per core)") -> None:
+    parser.add_argument("--jobs", type=positive_int, help=text)
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of a model directory or hub id; none of the checkpoint's own code runs."""
+    from transformers import AutoTokenizer
+
+    from specmd.offload_models.checkpoint import config_errors
+
+    with config_errors(path):  # a tokenizer may read the model's config
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[Any]:
+    """Each prompt as model inputs; one that encodes to no tokens is a ValueError (before any model loads)."""
+    encoded = []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt")
+        if inputs["input_ids"].shape[1] == 0:
+            raise ValueError(f"the prompt {prompt!r} encodes to no tokens; a prompt needs some text")
+        encoded.append(inputs)
+    return encoded
+
+
+def continuations(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of each prompt (`encode_prompts`' inputs), one request at a time."""
+    texts = []
+    for inputs in prompts:
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
@@ -192,4 +305,4 @@ def add_json(parser: argparse.ArgumentParser, text: str = JSON_HELP) -> None:
 def add_output(parser: argparse.ArgumentParser) -> None:
     """--json, and --out for a copy of the JSON result (`output.emit`)."""
     add_json(parser)
-    parser.add_argument("--out", dest="json_out", help="also write the JSON result to this file")
+    parser.add_argument("--out", dest="json_out", type=output_file, help="also write the JSON result to this file")

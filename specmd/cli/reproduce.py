@@ -30,63 +30,59 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "bundled model when no trace is given; none otherwise)",
     )  # fmt: skip
     reproduce.add_argument("--prompts", default=str(PROMPTS), help="prompts to generate from (default: 12 bundled)")
-    reproduce.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (32)")
+    options.add_max_new_tokens(reproduce)
     reproduce.add_argument(
         "--shape-from", default="olmoe-1b-7b", metavar="CONFIG",
         help="price experts and compute as this model's, '' for the traces' own (default: olmoe-1b-7b)",
     )  # fmt: skip
     options.add_hardware(reproduce, "hardware profile (default: a100-paper, the paper's system as measured)")
     reproduce.set_defaults(hardware="a100-paper")
-    reproduce.add_argument("--capacities", type=float, nargs="+", default=[0.01, 0.05, 0.25])
+    reproduce.add_argument("--capacities", type=options.fraction, nargs="+", default=[0.01, 0.05, 0.25])
     reproduce.add_argument(
         "--links", type=options.parse_bandwidth, nargs="+", default=["profile", 25.0],
         help="links to rank the configurations on (the first is the paper's; default: profile 25)",
     )  # fmt: skip
     reproduce.add_argument("--no-live", action="store_true", help="skip the configurations a trace cannot replay")
     reproduce.add_argument("--no-quality", action="store_true", help="skip the miss policies' quality/speed plane")
-    reproduce.add_argument("--jobs", type=int, help="replay processes (default: one per core)")
+    options.add_jobs(reproduce, "replay processes (default: one per core)")
     options.add_json(reproduce, "print the verdicts as JSON")
     reproduce.set_defaults(func=cmd_reproduce)
 
 
 def _record(model_path: str, prompts: list[str], max_new_tokens: int, out: Path) -> Path:
-    from transformers import AutoTokenizer
-
     from specmd.offload_models.auto import AutoOffloadForCausalLM
     from specmd.sim.record import TraceRecorder
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = options.load_tokenizer(model_path)
+    encoded = options.encode_prompts(tokenizer, prompts)
     with AutoOffloadForCausalLM.from_pretrained(model_path, cache_frac=1.0, progress=False) as model:
         recorder = TraceRecorder(model.trace_meta())
         with model.observe_routing(recorder):
-            options.continuations(model, tokenizer, prompts, max_new_tokens)
+            options.continuations(model, tokenizer, encoded, max_new_tokens)
     return recorder.trace().save(out / "trace.npz")
 
 
 def _live(args: argparse.Namespace, model_path: str, prompts: list[str]) -> dict[str, Any]:
     """The configurations a trace cannot replay, run on the model at 5% (their stats, by name)."""
-    from transformers import AutoTokenizer
-
     from specmd.offload_models.auto import AutoOffloadForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = options.load_tokenizer(model_path)
+    encoded = options.encode_prompts(tokenizer, prompts)
     stats = {}
     for name in LIVE_CONFIGS:
         with AutoOffloadForCausalLM.from_pretrained(
             model_path, cache_frac=0.05, policy=name, bandwidth_gbps="profile", hardware=args.hardware,
             shape_from=args.shape_from or None, progress=False,
         ) as model:  # fmt: skip
-            options.continuations(model, tokenizer, prompts, args.max_new_tokens)
+            options.continuations(model, tokenizer, encoded, args.max_new_tokens)
             stats[name] = model.cache_stats()
     return stats
 
 
 def _quality(args: argparse.Namespace, model_path: str) -> list[Any]:
-    from transformers import AutoTokenizer
-
     from specmd.eval_tasks.quality import miss_policy_plane
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = options.load_tokenizer(model_path)
     ids = tokenizer(QUALITY_TEXT.read_text(), return_tensors="pt")["input_ids"][:, : 4 * 256].reshape(4, 256)
     plane = miss_policy_plane(
         model_path, ids, cache_frac=0.05, bandwidth_gbps="profile", hardware=args.hardware,

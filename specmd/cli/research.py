@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from specmd import cli
@@ -21,12 +22,23 @@ def _add_trace(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     trace = commands.add_parser("trace", help="record a routing trace while generating from a file of prompts")
     options.add_model(trace)
     trace.add_argument("--prompts", required=True, help="one prompt per line (or a .jsonl of strings)")
-    trace.add_argument("--out", required=True, help="trace file to write: .jsonl (interchange) or .npz (compact)")
-    trace.add_argument("--max-new-tokens", type=int, default=32)
+    trace.add_argument(
+        "--out", type=trace_file, required=True, help="trace file to write: .jsonl (interchange) or .npz (compact)"
+    )
+    options.add_max_new_tokens(trace)
     options.add_policy(trace, "the live run's policy (the trace does not depend on it)")
     options.add_offload_options(trace, bandwidth=None)
     options.add_json(trace)
     trace.set_defaults(func=cmd_trace)
+
+
+def trace_file(text: str) -> str:
+    """An argparse type: a trace file to write, by its suffix, in a folder that exists."""
+    from specmd.sim.trace import SUFFIXES
+
+    if Path(text).suffix not in SUFFIXES:
+        raise argparse.ArgumentTypeError(f"cannot write a trace to {text}: use a {' or '.join(SUFFIXES)} file")
+    return options.output_file(text)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -38,25 +50,24 @@ def read_prompts(path: str) -> list[str]:
     for number, line in enumerate(lines, start=1):
         item = json.loads(line)
         prompt = item.get("prompt") if isinstance(item, dict) else item
-        if not isinstance(prompt, str):
-            raise ValueError(f"{path}:{number}: expected a JSON string or an object with a 'prompt' string")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{path}:{number}: expected a non-empty JSON string or an object with a 'prompt' string")
         prompts.append(prompt)
     return prompts
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from specmd.sim.record import TraceRecorder
 
     prompts = read_prompts(args.prompts)
     if not prompts:
         raise ValueError(f"{args.prompts} holds no prompts")
-    tokenizer = AutoTokenizer.from_pretrained(options.model_path(args.model))
+    tokenizer = options.load_tokenizer(options.model_path(args.model))
+    encoded = options.encode_prompts(tokenizer, prompts)
     with options.load_model(args, args.policy) as model:
         recorder = TraceRecorder(model.trace_meta())
         with model.observe_routing(recorder):
-            options.continuations(model, tokenizer, prompts, args.max_new_tokens)
+            options.continuations(model, tokenizer, encoded, args.max_new_tokens)
         stats = model.cache_stats()
     trace = recorder.trace()
     path = trace.save(args.out)
@@ -74,10 +85,14 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     options.add_policy(replay)
     options.add_cache_size(replay, default=None)
     options.add_link(replay, options.PROFILE)
-    replay.add_argument("--link-latency-us", type=float, help="per-transfer latency (default: the profile's)")
+    replay.add_argument(
+        "--link-latency-us", type=options.non_negative_float, help="per-transfer latency (default: the profile's)"
+    )
     options.add_hardware(replay, "hardware profile ({profiles})")
-    replay.add_argument("--experts-per-layer", type=int, help="for traces whose header lacks it")
-    replay.add_argument("--expert-bytes", type=int, help="bytes of one expert, for traces whose header lacks it")
+    replay.add_argument("--experts-per-layer", type=options.positive_int, help="for traces whose header lacks it")
+    replay.add_argument(
+        "--expert-bytes", type=options.positive_int, help="bytes of one expert, for traces whose header lacks it"
+    )
     options.add_shape_from(replay)
     options.add_output(replay)
     replay.set_defaults(func=cmd_replay)
@@ -111,19 +126,21 @@ def _add_sweep(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sweep.add_argument("traces", nargs="*", help="trace files")
     sweep.add_argument("--grid", help="a TOML grid (traces, policies, cache_frac, bandwidth_gbps, hardware)")
     options.add_policy(sweep, "a policy mix (repeat for several)", many=True)
-    sweep.add_argument("--cache-frac", type=float, nargs="+", help="capacities as fractions of all expert bytes")
+    options.add_cache_size(sweep, many=True)
     options.add_link(sweep, many=True)
     options.add_hardware(sweep, "hardware profiles (default: {default})", many=True)
     options.add_shape_from(sweep, many=True)
     sweep.add_argument("--no-baselines", action="store_true", help="leave out the Belady and unbounded runs")
-    sweep.add_argument("--out", required=True, help="results CSV (existing rows are kept and skipped)")
-    sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
+    sweep.add_argument(
+        "--out", type=options.output_file, required=True, help="results CSV (existing rows are kept and skipped)"
+    )
+    options.add_jobs(sweep)
     options.add_json(sweep, "print a JSON summary instead of text")
     sweep.set_defaults(func=cmd_sweep)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from specmd.sim.sweep import SweepGrid, sweep
+    from specmd.sim.sweep import SweepGrid, SweepInterrupted, sweep
 
     given = {
         "traces": args.traces,
@@ -144,7 +161,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.no_baselines:
         grid = SweepGrid(**{**grid.__dict__, "baselines": False})
     shapes = {name: options.priced_as(name) for name in grid.shape_from if name}
-    rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json, shapes=shapes)
+    try:
+        rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json, shapes=shapes)
+    except SweepInterrupted as stop:
+        cli.err.print(
+            f"interrupted: {stop.done} of {stop.total} runs are in {stop.path}; run the same command again to "
+            f"resume: specmd {shlex.join(args.argv)}",
+            soft_wrap=True, highlight=False, markup=False,
+        )  # fmt: skip
+        return 130
     output.emit(args, {"results": args.out, "new_runs": len(rows), "runs": len(grid.runs())})
     if not args.json:
         cli.out.print(f"{len(rows)} new runs of {len(grid.runs())} written to {args.out}")

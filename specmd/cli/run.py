@@ -30,23 +30,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = commands.add_parser("demo", help="compare eviction and prefetch policies on the default model")
     options.add_model(demo, "model directory or hub id (default: the bundled model)", flag=True)
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    options.add_max_new_tokens(demo)
     options.add_offload_options(demo, bandwidth=5.0)
     options.add_output(demo)
     demo.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(options.model_path(args.model))
+    tokenizer = options.load_tokenizer(options.model_path(args.model))
+    prompts = options.encode_prompts(tokenizer, DEMO_PROMPTS)
     results = []
     with Progress(console=cli.err, disable=args.json, transient=True) as progress:
         task = progress.add_task("specmd demo", total=len(DEMO_POLICIES))
         for policy in DEMO_POLICIES:
             progress.update(task, description=f"running {policy}")
             with options.load_model(args, policy) as model:
-                options.continuations(model, tokenizer, DEMO_PROMPTS, args.max_new_tokens)
+                options.continuations(model, tokenizer, prompts, args.max_new_tokens)
                 results.append((policy, model.cache_stats()))
             progress.advance(task)
     output.emit(
@@ -77,8 +76,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     generate = commands.add_parser("generate", help="generate text with an offloaded model and report cache metrics")
     options.add_model(generate)
-    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument(
+        "--prompt", type=options.prompt_text, action="append", required=True, help="a prompt (repeat for several)"
+    )
+    options.add_max_new_tokens(generate)
     options.add_policy(generate)
     options.add_offload_options(generate, bandwidth=None)
     options.add_output(generate)
@@ -86,11 +87,10 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(options.model_path(args.model))
+    tokenizer = options.load_tokenizer(options.model_path(args.model))
+    prompts = options.encode_prompts(tokenizer, args.prompt)
     with options.load_model(args, args.policy) as model:
-        texts = options.continuations(model, tokenizer, args.prompt, args.max_new_tokens)
+        texts = options.continuations(model, tokenizer, prompts, args.max_new_tokens)
         stats = model.cache_stats()
         offload_options = model.offload_options.to_dict()
     output.emit(args, {"model": args.model, "options": offload_options, "outputs": texts, "stats": stats.to_dict()})

@@ -59,6 +59,8 @@ class OffloadHFLM(HFLM):
             pretrained = str(default_model_path())
         if cache_frac is None and cache_bytes is None:
             cache_frac = DEFAULT_CACHE_FRAC
+        # the checkpoint's own code runs only when asked for (`trust_remote_code=True`); never a prompt
+        kwargs["trust_remote_code"] = kwargs.get("trust_remote_code") is True
         if str(kwargs.get("batch_size", 1)).startswith("auto"):
             log.warning("batch_size=auto: the forward passes that size the batch count in the cache metrics")
         super().__init__(pretrained=pretrained, cache_frac=cache_frac, cache_bytes=cache_bytes, **kwargs)

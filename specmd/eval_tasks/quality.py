@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig
 
 from specmd.cache.live.store import ExpertWeights
 from specmd.cache.stats import CacheStats
 from specmd.offload_models.auto import AutoOffloadForCausalLM
-from specmd.offload_models.checkpoint import ExpertCheckpoint, checkpoint_files
+from specmd.offload_models.checkpoint import ExpertCheckpoint, checkpoint_files, read_config
 from specmd.offload_models.info import full_precision, load_config
 from specmd.quant.formats import ExpertShape, get_format
 from specmd.sim.reproduce import QualityPoint
@@ -45,7 +44,7 @@ def expert_errors(
 
 def checkpoint_experts(path: str | os.PathLike[str]) -> Iterable[ExpertWeights]:
     """Every routed expert of the checkpoint at `path` (a directory or hub id), read one at a time."""
-    config = AutoConfig.from_pretrained(path)
+    config = read_config(path)
     arch = AutoOffloadForCausalLM.class_for(config.model_type).arch
     return ExpertCheckpoint(
         checkpoint_files(path),

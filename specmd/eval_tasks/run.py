@@ -8,6 +8,7 @@ paper's setting as defaults (5% cache, 5 GB/s link, the default policy) and the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from specmd.cache.hardware import DEFAULT_HARDWARE
@@ -41,9 +42,13 @@ def evaluate(
     """Evaluate `model` (a checkpoint, hub id or "default") on lm_eval `tasks`; lm_eval's results dict.
 
     `data` is where specmd's tasks read documents: "fixtures", "hub" or a JSONL directory (`data.py`); the
-    cache settings are `from_pretrained`'s.
+    cache settings are `from_pretrained`'s. No code of the checkpoint's own runs (`trust_remote_code=False`).
     """
+    from specmd.default_model import default_model_path
+    from specmd.offload_models.checkpoint import read_config
+
     data_root(data)  # a bad source fails now, not after the model has loaded
+    read_config(default_model_path() if model == "default" else model)  # and so does a missing or bad config
     import lm_eval
     import torch
 
@@ -59,6 +64,7 @@ def evaluate(
         "expert_precisions": expert_precisions,
         "dtype": dtype,
         "progress": progress,
+        "trust_remote_code": False,
     }
     if policy is not None:
         model_args["policy"] = policy
@@ -86,4 +92,12 @@ def _task_manager(tasks: Sequence[str], metadata: dict[str, Any]) -> Any:
     ours = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata)
     if all(ours.match_tasks([name]) for name in tasks):
         return ours
-    return TaskManager(include_path=str(TASK_DIR), metadata=metadata)
+    manager = TaskManager(include_path=str(TASK_DIR), metadata=metadata)
+    # lm_eval would find out with a KeyError once the model has loaded; a name is a task, group, tag or YAML file
+    unknown = [name for name in tasks if name not in manager.all_tasks and not Path(name).expanduser().is_file()]
+    if unknown:
+        raise ValueError(
+            f"unknown lm_eval task {unknown[0]!r}: not a task, group or tag of lm_eval's or specmd's "
+            f"({', '.join(ours.all_tasks)}), nor a task YAML file; `lm_eval ls tasks` lists them all"
+        )
+    return manager

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers import AutoConfig
-
+from specmd.offload_models.checkpoint import read_config
 from specmd.offload_models.mixtral import OffloadMixtral
 from specmd.offload_models.olmoe import OffloadOLMoE
 from specmd.offload_models.phi import OffloadPhi
@@ -31,8 +30,14 @@ class AutoOffloadForCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
-        """Read the checkpoint's config, then load it with the matching class's `from_pretrained`."""
+        """Read the checkpoint's config, then load it with the matching class's `from_pretrained`.
+
+        The checkpoint's own code runs only with `trust_remote_code=True` (`OffloadMixin.from_pretrained`).
+        """
         hub = {k: kwargs[k] for k in ("revision", "subfolder", "cache_dir", "token") if kwargs.get(k) is not None}
-        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        trust = kwargs.get("trust_remote_code")
+        config = kwargs.pop("config", None) or read_config(
+            pretrained_model_name_or_path, trust_remote_code=trust, **hub
+        )
         offload_cls = cls.class_for(getattr(config, "model_type", None))
         return offload_cls.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)

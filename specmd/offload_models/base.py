@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from specmd import __version__
 from specmd.cache.clock import ModelShape
@@ -28,7 +28,13 @@ from specmd.cache.live.store import open_store
 from specmd.cache.live.watchdog import Watchdog
 from specmd.cache.manager import CacheManager
 from specmd.cache.stats import CacheStats
-from specmd.offload_models.checkpoint import CheckpointError, ExpertCheckpoint, ExpertKeyPatterns, checkpoint_files
+from specmd.offload_models.checkpoint import (
+    CheckpointError,
+    ExpertCheckpoint,
+    ExpertKeyPatterns,
+    checkpoint_files,
+    read_config,
+)
 from specmd.offload_models.experts import OffloadedExperts
 from specmd.offload_models.observer import RoutingObserver
 from specmd.offload_models.options import OffloadOptions
@@ -68,6 +74,16 @@ class MoEArch:
     fixed_top_k: int | None = None
     moe_layers: Callable[[PretrainedConfig], list[int]] = field(default=_all_layers)
     router_contract: SoftmaxTopK | None = field(default_factory=SoftmaxTopK)
+
+    def check(self, config: PretrainedConfig) -> None:
+        """A config whose layer, expert or size counts are not whole numbers >= 1 is a ValueError naming the field."""
+        counts = ["num_hidden_layers", "hidden_size", self.num_experts_attr, self.intermediate_attr]
+        if self.fixed_top_k is None:
+            counts.append(self.top_k_attr)
+        for name in counts:
+            value = getattr(config, name, None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"the config's {name} must be a whole number >= 1, got {value!r}")
 
     def num_experts(self, config: PretrainedConfig) -> int:
         """Routed experts per MoE layer."""
@@ -152,7 +168,8 @@ class OffloadMixin:
     ) -> Any:
         """Load a checkpoint with its experts in a cache of `cache_frac` (or `cache_bytes`).
 
-        Every other keyword goes to transformers' `from_pretrained` (`dtype`, `device_map`, ...).
+        Every other keyword goes to transformers' `from_pretrained` (`dtype`, `device_map`, ...). No code of the
+        checkpoint's own runs unless `trust_remote_code=True` is passed (None counts as False: no prompt).
         All settings are checked before anything loads; an error leaves nothing loaded and no thread.
 
         Example::
@@ -178,11 +195,14 @@ class OffloadMixin:
             progress=progress,
         )
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs["trust_remote_code"] = kwargs.get("trust_remote_code") is True
         hub = {k: kwargs.get(k) for k in ("revision", "subfolder", "cache_dir", "token", "local_files_only")}
         config = kwargs.pop("config", None)
         if not isinstance(config, PretrainedConfig):
-            config = AutoConfig.from_pretrained(
-                pretrained_model_name_or_path, **{k: v for k, v in hub.items() if v is not None}
+            config = read_config(
+                pretrained_model_name_or_path,
+                trust_remote_code=kwargs["trust_remote_code"],
+                **{k: v for k, v in hub.items() if v is not None},
             )
         cls._check_config(config)
         price_as = None
@@ -220,6 +240,7 @@ class OffloadMixin:
                 f"{cls.__name__} loads '{cls.arch.model_type}' checkpoints; this one is {model_type!r}. "
                 "Use AutoOffloadForCausalLM to pick the class from the checkpoint."
             )
+        cls.arch.check(config)
         if not cls.arch.moe_layers(config):
             raise ValueError(f"this {model_type} checkpoint has no MoE layers: there are no experts to offload")
 

@@ -10,15 +10,20 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from safetensors import SafetensorError, safe_open
 
 from specmd.cache.live.store import ExpertWeights
 from specmd.quant.formats import ExpertShape
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -26,6 +31,33 @@ SINGLE_FILE = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read: missing, truncated, or lacking expert weights."""
+
+
+@contextmanager
+def config_errors(source: str | os.PathLike[str]) -> Iterator[None]:
+    """Inside, a config value transformers refuses (a string for a count, a float for an integer...) is a
+    `CheckpointError` naming it, not transformers' validation error: the checkpoint is at fault, not the code."""
+    try:
+        yield
+    except (StrictDataclassFieldValidationError, StrictDataclassClassValidationError) as exc:
+        cause = " ".join(str(exc.__cause__ or exc).split())
+        raise CheckpointError(f"{source}: the config has a value of the wrong type: {cause}") from exc
+
+
+def read_config(
+    path: str | os.PathLike[str], *, trust_remote_code: bool | None = False, **hub_kwargs: Any
+) -> PretrainedConfig:
+    """The config of a checkpoint directory, config.json or hub id, through `AutoConfig`.
+
+    A checkpoint's own code (its config's `auto_map`) runs only with `trust_remote_code=True`; anything else,
+    None included, is False, so transformers never asks on a terminal (a checkpoint that needs its code is then
+    a ValueError). `hub_kwargs` go to `AutoConfig.from_pretrained` (`revision`, `cache_dir`, ...). A config
+    value of the wrong type is a `CheckpointError` (`config_errors`).
+    """
+    from transformers import AutoConfig
+
+    with config_errors(path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code is True, **hub_kwargs)
 
 
 # transformers' runtime layout: what `save_pretrained(..., save_original_format=False)` writes, for every model.

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from specmd.cache.clock import ModelShape
 from specmd.cache.layout import ExpertLayout
+from specmd.default_model import BUNDLED_CONFIGS, bundled_configs
 from specmd.offload_models.auto import AutoOffloadForCausalLM
+from specmd.offload_models.checkpoint import read_config
 from specmd.quant.formats import ExpertFormat, ExpertShape, get_format, precision_of_dtype, registered_formats
 
 CAPACITY_FRACTIONS = (0.01, 0.05, 0.25)
@@ -81,17 +83,9 @@ class ModelInfo:
         return asdict(self) | {"routed_experts": self.routed_experts}
 
 
-BUNDLED_CONFIGS = Path(__file__).parents[1] / "data" / "configs"
-
-
-def bundled_configs() -> list[str]:
-    """The names of the real models' configs that ship with specmd."""
-    return sorted(path.parent.name for path in BUNDLED_CONFIGS.glob("*/config.json"))
-
-
 def load_config(model_or_config: str | os.PathLike[str]) -> PretrainedConfig:
     """The config of a checkpoint directory, a config.json file, a bundled config's name or a hub id (no weights
-    are read)."""
+    are read, and no code of the checkpoint's runs)."""
     text = str(model_or_config)
     path = Path(text).expanduser()
     if not path.exists() and text in bundled_configs():
@@ -102,7 +96,7 @@ def load_config(model_or_config: str | os.PathLike[str]) -> PretrainedConfig:
             f"{text}: no such file or directory (give a checkpoint directory, a config.json, a hub id or one of "
             f"the bundled configs: {', '.join(bundled_configs())})"
         )
-    return AutoConfig.from_pretrained(path if path.exists() else text)
+    return read_config(path if path.exists() else text)
 
 
 def full_precision(config: PretrainedConfig) -> str:
@@ -131,6 +125,7 @@ def expert_layout(config: PretrainedConfig, precisions: tuple[str, ...] | None =
     store them, so any trace's precisions can be priced).
     """
     cls = AutoOffloadForCausalLM.class_for(getattr(config, "model_type", None))
+    cls.arch.check(config)
     full = full_precision(config)
     if precisions is None:
         shape = cls.arch.expert_shape(config)
@@ -150,6 +145,7 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
     """Expert counts and sizes of the model `config` describes; an unsupported model type is a ValueError."""
     cls = AutoOffloadForCausalLM.class_for(getattr(config, "model_type", None))
     arch = cls.arch
+    arch.check(config)
     shape = arch.expert_shape(config)
     dtype = getattr(config, "dtype", None)
     try:

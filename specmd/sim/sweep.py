@@ -3,21 +3,32 @@
 Runs go to a CSV file as they finish; running the same sweep again skips rows already there, so an
 interrupted sweep resumes. Every sweep adds the baselines: Belady (offline-optimal eviction, no
 prefetch) at each setting, and an unbounded cache (cache_frac=1.0) per trace, link and hardware.
+
+Each row lands whole: one write of one complete line, then fsync, with Ctrl-C held off meanwhile, so a
+crash (kill -9, a full disk) can tear only the row being written. Reading finds such a torn last row (no
+line end, a field missing, a number or JSON cut short): `read_results` leaves it out and a resumed sweep cuts
+it off, each with a one-line notice, so it runs again. Ctrl-C stops a parallel sweep at once: the runs in
+flight are dropped, their workers terminated, and `SweepInterrupted` says how far it got.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import multiprocessing
 import os
+import signal
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field, fields
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from tqdm.auto import tqdm
 
@@ -39,6 +50,20 @@ STAT_COLUMNS = [f.name for f in fields(CacheStats)]
 COLUMNS = [
     "trace", *KEY_COLUMNS, "baseline", "prefetch", "eviction", "miss", "routing", "specmd_version", *STAT_COLUMNS,
 ]  # fmt: skip
+# How each typed column reads back; a value that does not is a damaged (torn) row.
+_NUMBERS = {int: int, float: float}
+PARSERS: dict[str, Callable[[str], Any]] = {"cache_frac": float} | {
+    name: _NUMBERS.get(kind, json.loads) for name, kind in get_type_hints(CacheStats).items() if name in STAT_COLUMNS
+}
+log = logging.getLogger(__name__)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a sweep: `done` of its `total` runs are in the CSV `path`; the same sweep again resumes."""
+
+    def __init__(self, path: Path, done: int, total: int) -> None:
+        super().__init__(f"{path}: {done} of {total} runs done")
+        self.path, self.done, self.total = path, done, total
 
 
 def _bandwidth(value: Any) -> float | str | None:
@@ -182,12 +207,139 @@ def run_one(run: Run, price_as: ExpertLayout | None = None) -> dict[str, Any]:
 
 
 def read_results(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """The rows of a results CSV (as text)."""
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames != COLUMNS:
-            raise ValueError(f"{path} has other columns than this specmd writes ({__version__}); sweep into a new file")
-        return list(reader)
+    """The rows of a results CSV (as text). A torn last row (a write cut short) is left out, with a notice."""
+    rows, torn = _scan(Path(path))
+    if torn:  # not 0: a torn header holds no row
+        log.warning("%s: left out its last row, torn by an interrupted write (a resumed sweep runs it again)", path)
+    return rows
+
+
+def _scan(path: Path) -> tuple[list[dict[str, str]], int | None]:
+    """The whole rows of the results CSV `path`, and the byte offset where a torn last row starts (None: none).
+
+    A row is one line (`_ResultsFile`). Only the last can be torn, a crash tearing at most the row being written:
+    a damaged row before it is a ValueError, as is a header other than `COLUMNS`. A file with no header yet
+    (empty, or a torn header) has no rows.
+    """
+    raw = path.read_bytes()
+    header = _line(COLUMNS)
+    other = f"{path} has other columns than this specmd writes ({__version__}); sweep into a new file"
+    end = raw.rfind(b"\n") + 1  # where the last complete line ends
+    if end == 0:  # not even the header's line is whole
+        if not header.startswith(raw):
+            raise ValueError(other)
+        return [], (0 if raw else None)
+    lines = io.BytesIO(raw[:end])
+    first = next(lines)
+    if _record(first) != COLUMNS:
+        raise ValueError(other)
+    rows: list[dict[str, str]] = []
+    offset, damaged = len(first), None  # damaged: (line number, offset, why) of a damaged row
+    for number, line in enumerate(lines, start=2):
+        if damaged is not None:
+            raise ValueError(f"{path}, line {damaged[0]}: a damaged row ({damaged[2]}); delete it and run again")
+        record = _record(line)
+        why = "not one CSV record" if record is None else _damage(record)
+        if why:
+            damaged = (number, offset, why)
+        else:
+            rows.append(dict(zip(COLUMNS, record, strict=True)))  # type: ignore[arg-type]
+        offset += len(line)
+    if damaged is not None:  # the last row is whole as a line, not as a row: a write cut short, then ended
+        return rows, damaged[1]
+    return rows, (end if end < len(raw) else None)
+
+
+def _record(line: bytes) -> list[str] | None:
+    """The one CSV record of a line; None when it is not one (cut inside a quote, not UTF-8, ...)."""
+    try:
+        records = list(csv.reader([line.decode("utf-8")]))
+    except (csv.Error, UnicodeDecodeError):
+        return None
+    return records[0] if len(records) == 1 else None
+
+
+def _damage(record: list[str]) -> str | None:
+    """What is wrong with a CSV record of a results row; None when it is whole."""
+    if len(record) != len(COLUMNS):
+        return f"{len(record)} fields of {len(COLUMNS)}"
+    for name, value in zip(COLUMNS, record, strict=True):
+        parse = PARSERS.get(name)
+        if parse is not None:
+            try:
+                parse(value)
+            except ValueError:
+                return f"{name} is {value[:40]!r}"
+    return None
+
+
+def _line(values: Sequence[Any]) -> bytes:
+    """One CSV line, as `csv` writes it (its line end included)."""
+    text = io.StringIO()
+    csv.writer(text).writerow(values)
+    return text.getvalue().encode("utf-8")
+
+
+def _repair(path: Path) -> list[dict[str, str]]:
+    """The whole rows of the results CSV `path`, after cutting off a torn last row (with a notice)."""
+    rows, torn = _scan(path)
+    if torn is not None:
+        with path.open("r+b") as handle:
+            handle.truncate(torn)
+            os.fsync(handle.fileno())
+        if torn:
+            log.warning("%s: cut off its last row, torn by an interrupted write; that run runs again", path)
+    return rows
+
+
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Inside, Ctrl-C waits: it is raised on leaving, so what is inside (a row's write) finishes first.
+
+    Only the main thread can move the handler; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)
+
+
+class _ResultsFile:
+    """Appends rows to a results CSV so that each lands whole: a row is one write of one complete line, then
+    fsync; a write that fails part way (a full disk) is cut back off. A new or empty file gets the header."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if os.fstat(self.fd).st_size == 0:
+            self._append(_line(COLUMNS))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        line = _line([row[name] for name in COLUMNS])
+        if line.count(b"\n") != 1:
+            raise ValueError(f"a results row must be one line; this one has a line break: {line[:200]!r}")
+        self._append(line)
+
+    def _append(self, data: bytes) -> None:
+        start = os.fstat(self.fd).st_size
+        left = memoryview(data)
+        try:
+            while left:
+                left = left[os.write(self.fd, left) :]
+            os.fsync(self.fd)
+        except OSError:
+            with suppress(OSError):
+                os.ftruncate(self.fd, start)  # the part of the row that was written
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _row_key(row: Mapping[str, Any]) -> tuple:
@@ -212,9 +364,9 @@ def sweep(
     if unknown:
         raise ValueError(f"the grid prices traces as {unknown}, whose layouts `shapes` does not give")
     target = Path(out)
-    done = {_row_key(row) for row in read_results(target)} if target.exists() else set()
-    todo = []
-    for run in grid.runs():
+    done = {_row_key(row) for row in _repair(target)} if target.exists() else set()
+    runs, todo = grid.runs(), []
+    for run in runs:
         trace = _trace(run.trace)  # also checks every trace up front
         probe = {"trace_sha256": trace.sha256, "policy": run.policy, "cache_frac": run.cache_frac,
                  "bandwidth_gbps": _bandwidth_label(run.bandwidth_gbps), "hardware": run.hardware,
@@ -222,29 +374,57 @@ def sweep(
         if _row_key(probe) not in done:
             todo.append(run)
     new_rows: list[dict[str, Any]] = []
-    fresh = not target.exists()
-    with target.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        if fresh:
-            writer.writeheader()
-        bar = tqdm(total=len(todo), desc="specmd sweep", unit="run", disable=not progress)
-        for row in _execute(todo, jobs, shapes):
-            writer.writerow(row)
-            handle.flush()  # an interrupted sweep keeps every finished row
-            new_rows.append(row)
-            bar.update()
+    results = _ResultsFile(target)
+    bar = tqdm(total=len(todo), desc="specmd sweep", unit="run", disable=not progress)
+    try:
+        with closing(_execute(todo, jobs, shapes)) as finished:  # closing it stops the workers
+            for row in finished:
+                with _sigint_held():  # a row is written whole and counted, or neither
+                    results.write(row)
+                    new_rows.append(row)
+                    bar.update()
+    except KeyboardInterrupt:
+        raise SweepInterrupted(target, len(runs) - len(todo) + len(new_rows), len(runs)) from None
+    finally:
         bar.close()
+        results.close()
     return new_rows
 
 
-def _execute(runs: Sequence[Run], jobs: int | None, shapes: Mapping[str, ExpertLayout]) -> Iterable[dict[str, Any]]:
+def _ignore_sigint() -> None:
+    """A worker leaves Ctrl-C to the parent, which stops it (a terminal sends it to the whole group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _execute(runs: Sequence[Run], jobs: int | None, shapes: Mapping[str, ExpertLayout]) -> Iterator[dict[str, Any]]:
+    """Each run's row as it finishes, in `jobs` processes. Closed early (Ctrl-C, an error), it drops the runs not
+    finished and terminates the workers, returning at once."""
     workers = min(jobs or os.cpu_count() or 1, len(runs))
     if workers <= 1:
         for run in runs:
             yield run_one(run, shapes.get(run.shape_from))
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    try:
         futures = [pool.submit(run_one, run, shapes.get(run.shape_from)) for run in runs]
         for future in as_completed(futures):
             yield future.result()
+    except BaseException:
+        _stop(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Drop the runs not started, terminate the workers (dropping the runs in flight), and wait for both."""
+    processes = list((pool._processes or {}).values())  # before shutdown forgets them
+    manager = pool._executor_manager_thread
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
+    if manager is not None:
+        manager.join()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import OlmoeForCausalLM
 
-from specmd import OffloadOLMoE
+from specmd import OffloadOLMoE, default_model_path
 from specmd.cache.engine import ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.live.arena import SlotArena
@@ -315,5 +315,8 @@ def test_cli_precisions_option(checkpoint: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "hqq.core.quantize", None)
     errors = []
     monkeypatch.setattr(cli.err, "print", lambda text, **_: errors.append(text))
+    # the tiny checkpoint has no tokenizer (transformers makes an empty one, which encodes "x" to no tokens)
+    tokenizer = cli.options.load_tokenizer
+    monkeypatch.setattr(cli.options, "load_tokenizer", lambda path: tokenizer(str(default_model_path())))
     assert cli.main(["generate", str(checkpoint), "--prompt", "x", "--precisions", "int2"]) == 2
     assert "needs hqq, which is not installed; install it with: pip install 'specmd[quant]'" in errors[0]
