@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -204,7 +205,9 @@ def _literal(text: str) -> Any:
     if _depth(text) > _MAX_DEPTH:
         raise ValueError(f"policy parameter value {text[:40]!r}... nests brackets more than {_MAX_DEPTH} deep")
     try:
-        return ast.literal_eval(text)
+        with warnings.catch_warnings():  # text like "1abc" is not a literal, and not worth a SyntaxWarning
+            warnings.simplefilter("ignore", SyntaxWarning)
+            return ast.literal_eval(text)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # not a literal (or a hostile one)
         if len(text) >= 2 and _CLOSING.get(text[0]) == text[-1]:
             return tuple(_literal(item.strip()) for item in _split_arguments(text[1:-1]) if item.strip())
