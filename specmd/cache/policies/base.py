@@ -42,15 +42,15 @@ def number_param(
     """`value` as a float when it is a finite number (never a bool) with `low` <= value <= `high` (`low` < value
     with `low_open`; None: no bound on that side), else a ValueError naming the policy, the parameter, the value
     and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        good = False
+    number = math.nan
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() <= 1000:  # an int must fit a float (one of 10**400 does not)
+            number = float(value)
     elif isinstance(value, float):
-        good = math.isfinite(value) and _within(value, low, high, low_open)
-    else:  # an int compares exactly, however long; it must also fit a float
-        good = abs(value) <= 1e300 and _within(value, low, high, low_open)
-    if not good:
+        number = value
+    if not (math.isfinite(number) and _within(number, low, high, low_open)):
         raise ValueError(f"{policy} {name} must be a finite number{_allowed(low, high, low_open)}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    return number
 
 
 def int_param(policy: str, name: str, value: object, low: int, high: int) -> int:
