@@ -123,8 +123,8 @@ def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
             doc = (inspect.getdoc(cls) or "").splitlines()
             rows.append((kind, name, aliases, doc[0] if doc else ""))
     for name, (mix, description) in NAMED_MIXES.items():
-        aliases = [system for system, config in SYSTEM_NAMES.items() if config == name]
-        listed = tuple(label + suffix for label in (name, *aliases) for suffix in ("", LEAST_STALE_SUFFIX))[1:]
+        systems = [system for system, config in SYSTEM_NAMES.items() if config == name]
+        listed = tuple(label + suffix for label in (name, *systems) for suffix in ("", LEAST_STALE_SUFFIX))[1:]
         rows.append(("config", name, listed, f"{mix}: {description}"))
     return rows
 
