@@ -75,8 +75,8 @@ def test_text_values_are_refused_the_same_way() -> None:
 
 def test_a_lone_value_is_a_list_of_one() -> None:
     assert PolicySpec.parse("none/lru/cascade:thresholds=5/standard").build().miss.thresholds == (5.0,)
-    assert Cascade(0.3).thresholds == (0.3,)  # type: ignore[arg-type]
-    assert FetchPriority(fallback="int8").fallback == ("int8",)  # type: ignore[arg-type]  # never its characters
+    assert Cascade(0.3).thresholds == (0.3,)
+    assert FetchPriority(fallback="int8").fallback == ("int8",)  # never its characters
     assert TopK(2).overfetch == 2.0
 
 

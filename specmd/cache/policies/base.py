@@ -19,6 +19,8 @@ from specmd.cache.layout import ExpertLayout
 
 
 # ---- parameter checks: every constructor refuses a bad value with one ValueError naming it -------------------
+# Constructors type their parameters `object` and convert them here, so a wrong value is the same ValueError in a
+# compiled build (mypyc would turn a bool into a number, and refuse a string with a bare TypeError) and not.
 def _bound(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
 

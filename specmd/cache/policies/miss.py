@@ -67,7 +67,7 @@ class FetchPriority(MissPolicy):
     needs_routing = True
     precision_params: ClassVar[tuple[str, ...]] = ("fallback",)
 
-    def __init__(self, percentile: float = 60.0, fallback: tuple[str, ...] = ("int8", "nf4", "hqq2")) -> None:
+    def __init__(self, percentile: object = 60.0, fallback: object = ("int8", "nf4", "hqq2")) -> None:
         self.percentile = number_param("fetch-priority", "percentile", percentile, 0, 100)
         self.fallback = names_param("fetch-priority", "fallback", fallback)
 
@@ -93,7 +93,7 @@ class DropOnMiss(MissPolicy):
 
     needs_routing = True
 
-    def __init__(self, rank: int = 3) -> None:
+    def __init__(self, rank: object = 3) -> None:
         self.rank = int_param("drop", "rank", rank, 2, MAX_EXPERTS_PER_LAYER)  # 1, the first choice, is always fetched
 
     def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
@@ -115,7 +115,7 @@ class SubstituteOnMiss(MissPolicy):
     needs_routing = True
     needs_probs = True
 
-    def __init__(self, tolerance: float = 0.1) -> None:
+    def __init__(self, tolerance: object = 0.1) -> None:
         self.tolerance = number_param("substitute", "tolerance", tolerance, 0)
 
     def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
@@ -144,7 +144,7 @@ class Cascade(MissPolicy):
 
     needs_routing = True
 
-    def __init__(self, thresholds: tuple[float, ...] = (0.2, 0.1)) -> None:
+    def __init__(self, thresholds: object = (0.2, 0.1)) -> None:
         values = numbers_param("cascade", "thresholds", thresholds, None)
         if list(values) != sorted(values, reverse=True):
             raise ValueError(f"cascade thresholds must be in decreasing order, got {thresholds!r}")

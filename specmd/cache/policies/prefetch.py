@@ -35,7 +35,7 @@ class TopK(PrefetchPolicy):
     pass's tokens is returned, highest predicted logit first; ``ceil`` rounds a fractional k up.
     """
 
-    def __init__(self, overfetch: float = 1.0) -> None:
+    def __init__(self, overfetch: object = 1.0) -> None:
         self.overfetch = number_param("topk", "overfetch", overfetch, 0, MAX_MULTIPLE, low_open=True)
 
     def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
@@ -90,7 +90,7 @@ class ScorePrefetch(PrefetchPolicy):
     tokens is returned, highest predicted probability first.
     """
 
-    def __init__(self, percentile: float = 80.0, cap: float = 2.0) -> None:
+    def __init__(self, percentile: object = 80.0, cap: object = 2.0) -> None:
         self.mass = number_param("score", "percentile", percentile, 0, 100, low_open=True) / 100.0
         self.cap = number_param("score", "cap", cap, 0, MAX_MULTIPLE, low_open=True)
 
@@ -114,7 +114,7 @@ class Lookahead(TopK):
     """Top-k prefetch for the next `depth` MoE layers at once, each predicted by its own router applied to
     this layer's input (later layers are predicted less accurately, and their transfers start earlier)."""
 
-    def __init__(self, depth: int = 2, overfetch: float = 1.0) -> None:
+    def __init__(self, depth: object = 2, overfetch: object = 1.0) -> None:
         super().__init__(number_param("lookahead", "overfetch", overfetch, 0, MAX_MULTIPLE, low_open=True))
         self.depth = int_param("lookahead", "depth", depth, 1, MAX_DEPTH)
 

@@ -31,7 +31,7 @@ class CacheAwareRouting(RoutingPolicy):
     a typical routing margin. The raised logits choose the experts; the original logits weigh them.
     """
 
-    def __init__(self, lam: float = 0.3) -> None:
+    def __init__(self, lam: object = 0.3) -> None:
         self.lam = number_param("cache-aware", "lam", lam, 0, MAX_LAM)
         self._margins: dict[int, tuple[float, int]] = {}  # layer -> (sum of margins, passes)
 
