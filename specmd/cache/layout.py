@@ -16,6 +16,9 @@ from specmd.cache.keys import ExpertKey
 
 MAX_EXPERTS_PER_LAYER = 1 << 16
 """A bound far above any published MoE (hundreds of experts per layer), so a corrupt header fails early."""
+MAX_ROUTED_EXPERTS = 1 << 20
+"""The most routed experts in all (MoE layers x experts per layer; the largest published MoE have about 15,000): a
+cache keeps a key for each."""
 
 HEADER_FIELDS = (
     "num_layers",
@@ -82,6 +85,12 @@ class ExpertLayout:
                 f"moe_layers must be ascending distinct indices below num_layers={self.num_layers}, got {list(layers)}"
             )
         object.__setattr__(self, "moe_layers", tuple(layers))
+        routed = len(layers) * self.experts_per_layer
+        if routed > MAX_ROUTED_EXPERTS:
+            raise ValueError(
+                f"{len(layers)} MoE layers of {self.experts_per_layer} experts are {routed} routed experts, "
+                f"beyond what specmd supports ({MAX_ROUTED_EXPERTS})"
+            )
         if not isinstance(self.expert_bytes, Mapping) or not self.expert_bytes:
             raise ValueError(f"expert_bytes must map each stored precision to bytes, got {self.expert_bytes!r}")
         for name, nbytes in self.expert_bytes.items():
@@ -89,6 +98,8 @@ class ExpertLayout:
                 raise ValueError(f"expert_bytes keys must be precision names, got {name!r}")
             _count(nbytes, f"expert_bytes[{name!r}]")
         object.__setattr__(self, "expert_bytes", dict(self.expert_bytes))
+        if not isinstance(self.precision, str):
+            raise ValueError(f"precision must be a precision name, got {self.precision!r}")
         if self.precision not in self.expert_bytes:
             raise ValueError(f"precision {self.precision!r} is not among the stored ones: {sorted(self.expert_bytes)}")
         if not isinstance(self.full_precision, str):
@@ -179,12 +190,15 @@ class ExpertLayout:
         if missing:
             raise ValueError(f"the header gives no {missing[0]}")
         precision = header.get("precision") or "bf16"
+        if not isinstance(precision, str):
+            raise ValueError(f"precision must be a precision name, got {precision!r}")
         sizes = header["expert_bytes"]
         if not isinstance(sizes, Mapping):
             sizes = {precision: sizes}
         shape = header.get("shape")
         if shape is not None:
             shape = ModelShape.from_dict(shape)
+        full_bytes = header.get("full_expert_bytes")
         return cls(
             num_layers=header["num_layers"],
             moe_layers=tuple(header["moe_layers"]) if isinstance(header["moe_layers"], list) else header["moe_layers"],
@@ -193,6 +207,6 @@ class ExpertLayout:
             precision=precision,
             expert_bytes=sizes,
             full_precision=header.get("full_precision") or precision,
-            full_expert_bytes=header.get("full_expert_bytes") or sizes.get(precision),
+            full_expert_bytes=sizes.get(precision) if full_bytes is None else full_bytes,
             shape=shape,
         )

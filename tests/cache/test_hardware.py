@@ -50,5 +50,5 @@ def test_score_prefetch_is_capped_at_a_multiple_of_top_k() -> None:
     assert len(ScorePrefetch().on_route(flat, START)) == 16
     assert len(ScorePrefetch(cap=1.0).on_route(flat, START)) == 8
     assert len(ScorePrefetch(cap=100).on_route(flat, START)) == 52
-    with pytest.raises(ValueError, match="score cap must be a number in"):
+    with pytest.raises(ValueError, match="score cap must be a finite number in"):
         ScorePrefetch(cap=float("nan"))

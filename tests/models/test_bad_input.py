@@ -53,7 +53,7 @@ def test_capacity_below_one_expert_names_the_smallest_legal_one(checkpoint: Path
         ("none/lru/fetch/teleport", "valid routing policies: standard \\(stnd\\)"),
         ("lru", "must have 4 parts"),
         ("topk:depth=2/lru/fetch/standard", "no parameter 'depth'; its parameters: overfetch"),
-        ("topk:overfetch=0/lru/fetch/standard", "overfetch must be a number > 0"),
+        ("topk:overfetch=0/lru/fetch/standard", "overfetch must be a finite number in \\(0, 1000000\\]"),
         ({"evict": "lru"}, "unknown part 'evict'"),
     ],
 )

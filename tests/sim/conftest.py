@@ -34,17 +34,62 @@ def recorded(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return path
 
 
-def random_trace(seed: int, layers: int = 3, experts: int = 6, top_k: int = 2, tokens: int = 12) -> Trace:
-    """Routing with some reuse between consecutive tokens, a 4-token prefill, no logits."""
+def random_trace(
+    seed: int, layers: int = 3, experts: int = 6, top_k: int = 2, tokens: int = 12, logits: bool = False
+) -> Trace:
+    """Routing with some reuse between consecutive tokens, a 4-token prefill.
+
+    With `logits`, every row also carries router logits that rank its experts first, the next layer's logits
+    as `next_logits` (a perfect next-layer predictor), and `predictions` of a predictor named "ahead" for every
+    later MoE layer of its pass and the next pass's first layer (noisy copies of their logits).
+    """
     rng = random.Random(seed)
-    events = []
+    routing: list[list[tuple[int, ...]]] = []  # [token][layer]
     previous = {layer: rng.sample(range(experts), top_k) for layer in range(layers)}
-    for token in range(tokens):
+    for _ in range(tokens):
+        row = []
         for layer in range(layers):
             keep = [e for e in previous[layer] if rng.random() < 0.5]
             rest = [e for e in rng.sample(range(experts), experts) if e not in keep]
             chosen = (keep + rest)[:top_k]
             previous[layer] = chosen
-            events.append(TraceEvent(0, token, layer, tuple(chosen), prefill=token < 4 or None))
+            row.append(tuple(chosen))
+        routing.append(row)
+    if not logits:
+        events = [
+            TraceEvent(0, token, layer, routing[token][layer], prefill=token < 4 or None)
+            for token in range(tokens)
+            for layer in range(layers)
+        ]
+        meta = {"experts_per_layer": experts, "expert_bytes": 100, "precision": "bf16", "top_k": top_k}
+        return Trace(meta, events)
+    rows = [[_logit_row(rng, experts, chosen) for chosen in row] for row in routing]
+
+    def noisy(values: list[float]) -> list[float]:
+        return [v + rng.gauss(0.0, 0.5) for v in values]
+
+    events = []
+    for token in range(tokens):
+        for layer in range(layers):
+            ahead = [(0, later, noisy(rows[token][later])) for later in range(layer + 1, layers)]
+            if token + 1 < tokens:
+                ahead.append((1, 0, noisy(rows[token + 1][0])))
+            chosen = routing[token][layer]
+            weights = tuple(sorted((rng.random() for _ in chosen), reverse=True))
+            events.append(
+                TraceEvent(
+                    0, token, layer, chosen, weights=weights, logits=rows[token][layer],
+                    next_logits=rows[token][layer + 1] if layer + 1 < layers else None,
+                    prefill=token < 4 or None, predictions=tuple(ahead),
+                )
+            )  # fmt: skip
     meta = {"experts_per_layer": experts, "expert_bytes": 100, "precision": "bf16", "top_k": top_k}
-    return Trace(meta, events)
+    return Trace(meta | {"predictor": "ahead"}, events)
+
+
+def _logit_row(rng: random.Random, experts: int, chosen: tuple[int, ...]) -> list[float]:
+    """Router logits over `experts` whose top-k, in order, is `chosen`."""
+    row = [rng.gauss(0.0, 1.0) for _ in range(experts)]
+    for rank, expert in enumerate(chosen):
+        row[expert] = 4.0 + len(chosen) - rank + rng.random() * 0.5
+    return row

@@ -92,15 +92,15 @@ GOOD = {"seq": 0, "token": 0, "layer": 0, "experts": [1, 2]}
     [
         ([GOOD, "{not json"], ":2: not valid JSON"),
         ([GOOD, {"seq": 0, "token": 1, "experts": [1]}], ":2: missing 'layer'"),
-        ([{"seq": 0, "token": 0, "layer": 0, "experts": ["a"]}], ":1: 'experts' must be an integer >= 0"),
+        ([{"seq": 0, "token": 0, "layer": 0, "experts": ["a"]}], ":1: 'experts' must be an integer in [0, 65536)"),
         ([{"seq": 0, "token": 0, "layer": 0, "experts": [3, 3]}], ":1: 'experts' lists an expert twice"),
         ([{"seq": 0, "token": 0, "layer": 0, "experts": [1], "weights": [0.5, 0.5]}], ":1: 'weights' has 2 values"),
         ([{"seq": 0, "token": 0, "layer": 0, "experts": []}], ":1: 'experts' must be a non-empty list"),
         ([GOOD, {"meta": {}}], ":2: a 'meta' header may only be the first line"),
         ([{"seq": 0, "token": 3, "layer": 0, "experts": [1]}, GOOD], ":2: sequence 0 goes back"),
-        ([GOOD, {"seq": -1, "token": 0, "layer": 0, "experts": [1]}], ":2: 'seq' must be an integer >= 0"),
+        ([GOOD, {"seq": -1, "token": 0, "layer": 0, "experts": [1]}], ":2: 'seq' must be an integer in [0, 2**63)"),
         ([{"meta": {"experts_per_layer": 2}}, GOOD], "routes to expert 2, but layers have 2 experts"),
-        ([], "has no routing lines"),
+        ([], "has no routing rows"),
     ],
 )
 def test_malformed_traces_name_the_line(tmp_path: Path, lines: list[object], error: str) -> None:

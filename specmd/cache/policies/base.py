@@ -6,6 +6,7 @@ same objects run live inside a model and in trace replay.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,72 @@ from mypy_extensions import mypyc_attr
 
 from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.layout import ExpertLayout
+
+
+# ---- parameter checks: every constructor refuses a bad value with one ValueError naming it -------------------
+# Constructors type their parameters `object` and convert them here, so a wrong value is the same ValueError in a
+# compiled build (mypyc would turn a bool into a number, and refuse a string with a bare TypeError) and not.
+def _bound(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
+
+
+def _allowed(low: float | None, high: float | None, low_open: bool) -> str:
+    if low is None:
+        return "" if high is None else f" <= {_bound(high)}"
+    if high is None:
+        return f" {'>' if low_open else '>='} {_bound(low)}"
+    return f" in {'(' if low_open else '['}{_bound(low)}, {_bound(high)}]"
+
+
+def _within(value: float, low: float | None, high: float | None, low_open: bool) -> bool:
+    above = low is None or (value > low if low_open else value >= low)
+    return above and (high is None or value <= high)
+
+
+def number_param(
+    policy: str, name: str, value: object, low: float | None, high: float | None = None, *, low_open: bool = False
+) -> float:
+    """`value` as a float when it is a finite number (never a bool) with `low` <= value <= `high` (`low` < value
+    with `low_open`; None: no bound on that side), else a ValueError naming the policy, the parameter, the value
+    and the allowed range."""
+    number = math.nan
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() <= 1000:  # an int must fit a float (one of 10**400 does not)
+            number = float(value)
+    elif isinstance(value, float):
+        number = value
+    if not (math.isfinite(number) and _within(number, low, high, low_open)):
+        raise ValueError(f"{policy} {name} must be a finite number{_allowed(low, high, low_open)}, got {value!r}")
+    return number
+
+
+def int_param(policy: str, name: str, value: object, low: int, high: int) -> int:
+    """`value` when it is an integer (never a bool or a float) with `low` <= value <= `high`, else a ValueError
+    naming the policy, the parameter, the value and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{policy} {name} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def numbers_param(
+    policy: str, name: str, value: object, low: float | None, high: float | None = None, *, low_open: bool = False
+) -> tuple[float, ...]:
+    """A non-empty list or tuple of numbers each as `number_param` takes them (a lone number is a list of one)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        items: list[object] = [value]
+    elif isinstance(value, list | tuple) and value:
+        items = list(value)
+    else:
+        raise ValueError(f"{policy} {name} must be a number or a non-empty list of numbers, got {value!r}")
+    return tuple(number_param(policy, name, item, low, high, low_open=low_open) for item in items)
+
+
+def names_param(policy: str, name: str, value: object) -> tuple[str, ...]:
+    """A non-empty list or tuple of non-empty names (a lone name is a list of one, never its characters)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items or not all(isinstance(v, str) and v for v in items):
+        raise ValueError(f"{policy} {name} must be a name or a non-empty list of names, got {value!r}")
+    return tuple(str(item) for item in items)
 
 
 class Clairvoyant(Protocol):

@@ -101,8 +101,8 @@ class LeastStale(EvictionPolicy):
     costs a scan over the layers' groups to the first evictable expert.
     """
 
-    def __init__(self, order: str = "cyclic") -> None:
-        if order not in LEAST_STALE_ORDERS:
+    def __init__(self, order: object = "cyclic") -> None:
+        if not isinstance(order, str) or order not in LEAST_STALE_ORDERS:  # `object`: the same error compiled or not
             raise ValueError(f"least-stale order must be one of {', '.join(LEAST_STALE_ORDERS)}, got {order!r}")
         self.order = order
         self._pass = -1  # the pass whose experts are current

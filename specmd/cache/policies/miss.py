@@ -7,7 +7,19 @@ from typing import ClassVar
 from mypy_extensions import mypyc_attr
 
 from specmd.cache.keys import ExpertKey, Tick
-from specmd.cache.policies.base import Drop, Fetch, MissAction, MissContext, MissPolicy, Substitute
+from specmd.cache.layout import MAX_EXPERTS_PER_LAYER
+from specmd.cache.policies.base import (
+    Drop,
+    Fetch,
+    MissAction,
+    MissContext,
+    MissPolicy,
+    Substitute,
+    int_param,
+    names_param,
+    number_param,
+    numbers_param,
+)
 from specmd.cache.policies.spec import register_miss
 
 
@@ -55,11 +67,9 @@ class FetchPriority(MissPolicy):
     needs_routing = True
     precision_params: ClassVar[tuple[str, ...]] = ("fallback",)
 
-    def __init__(self, percentile: float = 60.0, fallback: tuple[str, ...] = ("int8", "nf4", "hqq2")) -> None:
-        if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 <= percentile <= 100:
-            raise ValueError(f"fetch-priority percentile must be a number in [0, 100], got {percentile!r}")
-        self.percentile = float(percentile)
-        self.fallback = tuple(fallback)
+    def __init__(self, percentile: object = 60.0, fallback: object = ("int8", "nf4", "hqq2")) -> None:
+        self.percentile = number_param("fetch-priority", "percentile", percentile, 0, 100)
+        self.fallback = names_param("fetch-priority", "fallback", fallback)
 
     def _threshold(self, context: MissContext) -> float:
         weights = sorted(r.weight for r in context.routing.values())
@@ -83,10 +93,8 @@ class DropOnMiss(MissPolicy):
 
     needs_routing = True
 
-    def __init__(self, rank: int = 3) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 2:
-            raise ValueError(f"drop rank must be an integer >= 2 (the first choice is always fetched), got {rank!r}")
-        self.rank = rank
+    def __init__(self, rank: object = 3) -> None:
+        self.rank = int_param("drop", "rank", rank, 2, MAX_EXPERTS_PER_LAYER)  # 1, the first choice, is always fetched
 
     def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
         if context.routing[key.expert].rank + 1 >= self.rank:
@@ -107,10 +115,8 @@ class SubstituteOnMiss(MissPolicy):
     needs_routing = True
     needs_probs = True
 
-    def __init__(self, tolerance: float = 0.1) -> None:
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
-            raise ValueError(f"substitute tolerance must be a number >= 0, got {tolerance!r}")
-        self.tolerance = float(tolerance)
+    def __init__(self, tolerance: object = 0.1) -> None:
+        self.tolerance = number_param("substitute", "tolerance", tolerance, 0)
 
     def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:
         probs = context.probs
@@ -138,14 +144,10 @@ class Cascade(MissPolicy):
 
     needs_routing = True
 
-    def __init__(self, thresholds: tuple[float, ...] = (0.2, 0.1)) -> None:
-        values = tuple(thresholds)
-        if (
-            not values
-            or any(not isinstance(v, int | float) or isinstance(v, bool) for v in values)
-            or list(values) != sorted(values, reverse=True)
-        ):
-            raise ValueError(f"cascade thresholds must be numbers in decreasing order, got {thresholds!r}")
+    def __init__(self, thresholds: object = (0.2, 0.1)) -> None:
+        values = numbers_param("cascade", "thresholds", thresholds, None)
+        if list(values) != sorted(values, reverse=True):
+            raise ValueError(f"cascade thresholds must be in decreasing order, got {thresholds!r}")
         self.thresholds = values
 
     def on_miss(self, key: ExpertKey, now: Tick, context: MissContext) -> MissAction:

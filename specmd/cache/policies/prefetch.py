@@ -8,8 +8,13 @@ from collections.abc import Sequence
 from mypy_extensions import mypyc_attr
 
 from specmd.cache.keys import Tick
-from specmd.cache.policies.base import Future, PrefetchPolicy, RoutePrediction
+from specmd.cache.policies.base import Future, PrefetchPolicy, RoutePrediction, int_param, number_param
 from specmd.cache.policies.spec import register_prefetch
+
+MAX_MULTIPLE = 1e6
+"""The most `overfetch` or `cap` (multiples of top-k) may be; beyond a layer's experts they all mean "every one"."""
+MAX_DEPTH = 64
+"""The most MoE layers ahead `lookahead` may look."""
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -30,10 +35,8 @@ class TopK(PrefetchPolicy):
     pass's tokens is returned, highest predicted logit first; ``ceil`` rounds a fractional k up.
     """
 
-    def __init__(self, overfetch: float = 1.0) -> None:
-        if isinstance(overfetch, bool) or not isinstance(overfetch, int | float) or not overfetch > 0:
-            raise ValueError(f"topk overfetch must be a number > 0, got {overfetch!r}")
-        self.overfetch = float(overfetch)
+    def __init__(self, overfetch: object = 1.0) -> None:
+        self.overfetch = number_param("topk", "overfetch", overfetch, 0, MAX_MULTIPLE, low_open=True)
 
     def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
         best: dict[int, float] = {}
@@ -87,13 +90,9 @@ class ScorePrefetch(PrefetchPolicy):
     tokens is returned, highest predicted probability first.
     """
 
-    def __init__(self, percentile: float = 80.0, cap: float = 2.0) -> None:
-        if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
-            raise ValueError(f"score percentile must be a number in (0, 100], got {percentile!r}")
-        if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap <= 1e6:
-            raise ValueError(f"score cap must be a number in (0, 1e6] (a multiple of top-k), got {cap!r}")
-        self.mass = float(percentile) / 100.0
-        self.cap = float(cap)
+    def __init__(self, percentile: object = 80.0, cap: object = 2.0) -> None:
+        self.mass = number_param("score", "percentile", percentile, 0, 100, low_open=True) / 100.0
+        self.cap = number_param("score", "cap", cap, 0, MAX_MULTIPLE, low_open=True)
 
     def on_route(self, route: RoutePrediction, now: Tick) -> Sequence[int]:
         best: dict[int, float] = {}
@@ -115,11 +114,9 @@ class Lookahead(TopK):
     """Top-k prefetch for the next `depth` MoE layers at once, each predicted by its own router applied to
     this layer's input (later layers are predicted less accurately, and their transfers start earlier)."""
 
-    def __init__(self, depth: int = 2, overfetch: float = 1.0) -> None:
-        super().__init__(overfetch)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"lookahead depth must be an integer >= 1, got {depth!r}")
-        self.depth = depth
+    def __init__(self, depth: object = 2, overfetch: object = 1.0) -> None:
+        super().__init__(number_param("lookahead", "overfetch", overfetch, 0, MAX_MULTIPLE, low_open=True))
+        self.depth = int_param("lookahead", "depth", depth, 1, MAX_DEPTH)
 
 
 # Registered here rather than by class decorators: a decorated class could not be compiled as a native

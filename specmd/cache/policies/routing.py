@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from specmd.cache.keys import Tick
-from specmd.cache.policies.base import RoutingPolicy
+from specmd.cache.policies.base import RoutingPolicy, number_param
 from specmd.cache.policies.spec import register_routing
+
+MAX_LAM = 1e6
+"""The most `lam` may be: far past the point (about 1) where a resident expert always wins."""
 
 
 @register_routing("standard", "stnd")
@@ -28,10 +31,8 @@ class CacheAwareRouting(RoutingPolicy):
     a typical routing margin. The raised logits choose the experts; the original logits weigh them.
     """
 
-    def __init__(self, lam: float = 0.3) -> None:
-        if isinstance(lam, bool) or not isinstance(lam, int | float) or lam < 0:
-            raise ValueError(f"cache-aware lam must be a number >= 0, got {lam!r}")
-        self.lam = float(lam)
+    def __init__(self, lam: object = 0.3) -> None:
+        self.lam = number_param("cache-aware", "lam", lam, 0, MAX_LAM)
         self._margins: dict[int, tuple[float, int]] = {}  # layer -> (sum of margins, passes)
 
     def bias(self, layer: int, resident: Sequence[int], margin: float, now: Tick) -> Mapping[int, float] | None:

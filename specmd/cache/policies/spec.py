@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -122,8 +123,8 @@ def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
             doc = (inspect.getdoc(cls) or "").splitlines()
             rows.append((kind, name, aliases, doc[0] if doc else ""))
     for name, (mix, description) in NAMED_MIXES.items():
-        aliases = [system for system, config in SYSTEM_NAMES.items() if config == name]
-        listed = tuple(label + suffix for label in (name, *aliases) for suffix in ("", LEAST_STALE_SUFFIX))[1:]
+        systems = [system for system, config in SYSTEM_NAMES.items() if config == name]
+        listed = tuple(label + suffix for label in (name, *systems) for suffix in ("", LEAST_STALE_SUFFIX))[1:]
         rows.append(("config", name, listed, f"{mix}: {description}"))
     return rows
 
@@ -132,7 +133,9 @@ def canonical_name(kind: str, name: str) -> str:
     """Resolve an alias; a name that is not registered is a ValueError listing the valid ones."""
     if kind not in _REGISTRY:
         raise ValueError(f"unknown policy kind {kind!r}; the kinds are {', '.join(KINDS)}")
-    key = name.strip().lower() if isinstance(name, str) else name
+    if not isinstance(name, str):
+        raise ValueError(f"a {kind} policy name must be a string, got {name!r}")
+    key = name.strip().lower()
     if key in _REGISTRY[kind]:
         return key
     if key in _ALIASES[kind]:
@@ -160,7 +163,7 @@ def create(kind: str, name: str, params: Mapping[str, Any] | None = None) -> Any
     cls = _REGISTRY[kind][canonical_name(kind, name)]
     params = dict(params or {})
     allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
-    unknown = sorted(set(params) - set(allowed))
+    unknown = sorted(map(str, set(params) - set(allowed)))
     if unknown:
         raise ValueError(
             f"{kind} policy {name!r} has no parameter {unknown[0]!r}; "
@@ -202,11 +205,17 @@ def _literal(text: str) -> Any:
     if _depth(text) > _MAX_DEPTH:
         raise ValueError(f"policy parameter value {text[:40]!r}... nests brackets more than {_MAX_DEPTH} deep")
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError):
+        with warnings.catch_warnings():  # text like "1abc" is not a literal, and not worth a SyntaxWarning
+            warnings.simplefilter("ignore", SyntaxWarning)
+            return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # not a literal (or a hostile one)
         if len(text) >= 2 and _CLOSING.get(text[0]) == text[-1]:
             return tuple(_literal(item.strip()) for item in _split_arguments(text[1:-1]) if item.strip())
         return text
+
+
+def _is_params(value: object) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(key, str) for key in value)
 
 
 @dataclass(frozen=True)
@@ -236,9 +245,9 @@ class PolicyChoice:
                 if not eq:
                     raise ValueError(f"{kind} policy parameter {item!r} must look like name=value")
                 params[key.strip()] = _literal(raw.strip())
-        elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and _is_params(value[1]):
             name, params = value[0], dict(value[1])
-        elif isinstance(value, Mapping) and "name" in value:
+        elif isinstance(value, Mapping) and "name" in value and _is_params(value.get("params") or {}):
             name, params = value["name"], dict(value.get("params") or {})
         else:
             raise ValueError(
@@ -298,7 +307,7 @@ class PolicySpec:
                 )
             given: Mapping[str, Any] = dict(zip(KINDS, parts, strict=True))
         elif isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(KINDS))
+            unknown = sorted(map(str, set(value) - set(KINDS)))
             if unknown:
                 raise ValueError(f"policy dict has unknown part {unknown[0]!r}; the parts are {', '.join(KINDS)}")
             given = value

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from specmd.cache.layout import ExpertLayout
+from specmd.cache.layout import MAX_EXPERTS_PER_LAYER, ExpertLayout
 from specmd.cache.manager import NEXT_LAYER
 
 if TYPE_CHECKING:
@@ -21,6 +21,10 @@ VERSION = 1
 
 class TraceError(ValueError):
     """A trace that cannot be read: the message names the file and, where it can, the line or field."""
+
+
+INT_LIMIT = 2**63
+"""Row integers (sequence, token, layer, passes ahead) stay below it: the binary form stores them as int64."""
 
 
 Prediction = tuple[int, int, Sequence[float]]
@@ -71,6 +75,138 @@ class TraceEvent:
 _REQUIRED = (("expert_bytes", "--expert-bytes"), ("experts_per_layer", "--experts-per-layer"))
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def with_overrides(meta: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The header with values given apart from the file (the command line's) filled in or replacing its own.
+
+    `expert_bytes` prices every expert as that many bytes: it replaces the header's sizes at every precision,
+    full precision included.
+    """
+    header = dict(meta)
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        header[name] = value
+        if name == "expert_bytes":
+            header.pop("full_expert_bytes", None)
+            header.pop("full_precision", None)
+    return header
+
+
+def layout_of(meta: Mapping[str, Any], layers: Iterable[int], top_k: int) -> ExpertLayout:
+    """The layout `meta` declares; MoE layers, decoder layers, top-k and precision default to what the rows show
+    (`layers`, `top_k`). A wrong field is a ValueError naming it."""
+    header = dict(meta)
+    if header.get("moe_layers") is None:
+        header["moe_layers"] = sorted(set(layers))
+    if header.get("num_layers") is None:
+        declared = header["moe_layers"]
+        valid = isinstance(declared, list | tuple) and declared and all(_is_int(layer) for layer in declared)
+        header["num_layers"] = max(declared) + 1 if valid else 1  # invalid layers: the layout says why
+    if header.get("top_k") is None:
+        header["top_k"] = top_k
+    sizes = header.get("expert_bytes")
+    if header.get("precision") is None and isinstance(sizes, Mapping) and sizes:
+        header["precision"] = next(iter(sizes))
+    try:
+        return ExpertLayout.from_header(header)
+    except TypeError as exc:  # a field of a type the layout does not compare (a string among layer indices, ...)
+        raise ValueError(str(exc)) from None
+
+
+def check_header(meta: Mapping[str, Any], source: str) -> None:
+    """Refuse a header with a wrong field, as read (before any row): a `TraceError` naming the file and the field.
+
+    Fields a trace may lack until the command line gives them (experts per layer, expert bytes) and those the
+    rows show (MoE layers, top-k) are checked as far as they are given.
+    """
+    header = dict(meta)
+    if header.get("experts_per_layer") is None:
+        header["experts_per_layer"] = MAX_EXPERTS_PER_LAYER
+    if header.get("expert_bytes") is None:
+        header["expert_bytes"] = 1
+    shape = header.get("shape")
+    if header.get("num_layers") is None and header.get("moe_layers") is None and isinstance(shape, Mapping):
+        header["num_layers"] = shape.get("num_layers")
+    try:
+        layout_of(header, [0], 1)  # MoE layers unknown till the rows: one stands for them
+    except ValueError as exc:
+        raise TraceError(f"{source}: header: {exc}") from None
+
+
+class RowRules:
+    """What a (checked) header requires of every row: experts below `experts_per_layer`, layers among `moe_layers`
+    (or below `num_layers`), logit rows as wide as `experts_per_layer`, or else as wide as the first one.
+
+    `problem` says what is wrong with a row, or None; it also checks the types of a row built in memory.
+    """
+
+    def __init__(self, meta: Mapping[str, Any]) -> None:
+        experts = meta.get("experts_per_layer")
+        layers = meta.get("moe_layers")
+        self.experts: int | None = experts if _is_int(experts) else None
+        self.layers: list[int] | None = list(layers) if isinstance(layers, list | tuple) else None
+        self._layer_set = frozenset(self.layers or ())
+        num_layers = meta.get("num_layers")
+        self.num_layers: int | None = num_layers if _is_int(num_layers) else None
+        self.width: int | None = self.experts  # of every logit row: one row per layer's experts
+
+    def _layer(self, layer: object, what: str) -> str | None:
+        if not (_is_int(layer) and 0 <= layer < INT_LIMIT):  # type: ignore[operator]
+            return f"{what} must be an integer in [0, 2**63), got {layer!r}"
+        if self.layers is not None and layer not in self._layer_set:
+            return f"{what} {layer} is not one of the header's moe_layers {self.layers}"
+        if self.layers is None and self.num_layers is not None and layer >= self.num_layers:  # type: ignore[operator]
+            return f"{what} {layer} is not below the header's num_layers={self.num_layers}"
+        return None
+
+    def _width(self, row: Sequence[float], name: str) -> str | None:
+        if self.width is None:
+            self.width = len(row)
+        elif len(row) != self.width:
+            whose = "layers have" if self.experts is not None else "earlier rows'"
+            unit = " experts (experts_per_layer)" if self.experts is not None else ""
+            return f"{name} has {len(row)} values, but {whose} {self.width}{unit}"
+        return None
+
+    def problem(self, event: TraceEvent) -> str | None:
+        """What is wrong with `event` (already parsed) under this header, or None."""
+        for name in ("seq", "token"):
+            value = getattr(event, name)
+            if not (_is_int(value) and 0 <= value < INT_LIMIT):
+                return f"{name!r} must be an integer in [0, 2**63), got {value!r}"
+        problem = self._layer(event.layer, "layer")
+        if problem:
+            return problem
+        for name in ("logits", "next_logits"):
+            row = getattr(event, name)
+            if row is not None:
+                problem = self._width(row, repr(name))
+                if problem:
+                    return problem
+        for ahead, layer, row in event.predictions or ():
+            if not (_is_int(ahead) and 0 <= ahead < INT_LIMIT):
+                return f"a prediction's 'passes_ahead' must be an integer in [0, 2**63), got {ahead!r}"
+            problem = self._layer(layer, "a prediction's layer") or self._width(row, "a prediction's 'logits'")
+            if problem:
+                return problem
+        experts = event.experts
+        limit = self.experts or self.width or MAX_EXPERTS_PER_LAYER
+        if not experts or len(set(experts)) != len(experts):
+            return f"'experts' must list distinct experts, at least one, got {list(experts)}"
+        for expert in experts:
+            if not (_is_int(expert) and 0 <= expert < limit):
+                if not (_is_int(expert) and 0 <= expert < MAX_EXPERTS_PER_LAYER):
+                    return f"'experts' must be an integer in [0, {limit}), got {expert!r}"
+                if self.experts is not None:
+                    return f"routes to expert {expert}, but layers have {limit} experts (experts_per_layer)"
+                return f"routes to expert {expert}, but its logits cover {limit} experts"
+        return None
+
+
 @dataclass
 class Trace:
     """A routing trace: its header (`meta`) and its events, in file order."""
@@ -80,6 +216,8 @@ class Trace:
     sha256: str = ""
     source: str = "<memory>"
     _passes: dict[str, list[ReplayPass]] = field(default_factory=dict, repr=False, compare=False)
+    _checked_meta: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """The header the events were last checked against (by a reader as it read them, or by `layout`)."""
 
     def __repr__(self) -> str:
         return f"Trace({self.source}, {len(self.events):,} events, sha256={self.sha256[:12] or '-'})"
@@ -104,23 +242,34 @@ class Trace:
     # ---- what the header says (or the command line supplied) ------------------------------------
     @cached_property
     def layout(self) -> ExpertLayout:
-        """The header's expert layout; layers, top-k and precision default to what the events show."""
+        """The header's expert layout; layers, top-k and precision default to what the events show.
+
+        A header or an event the header does not allow (an expert beyond `experts_per_layer`, a layer outside
+        `moe_layers`, a logit row of another width) is a `TraceError`: a trace built in memory is checked here,
+        once; a loaded one was checked as it was read.
+        """
         for name, flag in _REQUIRED:
             if self.meta.get(name) is None:
                 raise TraceError(f"{self.source}: the header gives no {name}; pass {flag}")
-        header = dict(self.meta)
-        if header.get("moe_layers") is None:
-            header["moe_layers"] = sorted({e.layer for e in self.events})
-        if header.get("num_layers") is None:
-            header["num_layers"] = max(header["moe_layers"], default=-1) + 1
-        if header.get("top_k") is None:
-            header["top_k"] = max(len(e.experts) for e in self.events)
-        if header.get("precision") is None and isinstance(header["expert_bytes"], dict) and header["expert_bytes"]:
-            header["precision"] = next(iter(header["expert_bytes"]))
+        if not self.events:
+            raise TraceError(f"{self.source}: the trace has no routing rows")
+        if self._checked_meta != self.meta:
+            self._check_rows()
         try:
-            return ExpertLayout.from_header(header)
-        except (ValueError, TypeError) as exc:
+            return layout_of(self.meta, {e.layer for e in self.events}, max(len(e.experts) for e in self.events))
+        except ValueError as exc:
             raise TraceError(f"{self.source}: header: {exc}") from None
+
+    def _check_rows(self) -> None:
+        check_header(self.meta, self.source)
+        rules = RowRules(self.meta)
+        for event in self.events:
+            problem = rules.problem(event)
+            if problem is not None:
+                raise TraceError(
+                    f"{self.source}: sequence {event.seq} token {event.token} layer {event.layer}: {problem}"
+                )
+        self._checked_meta = dict(self.meta)
 
     @property
     def predictor(self) -> str:

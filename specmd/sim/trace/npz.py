@@ -4,19 +4,36 @@ Arrays: ``meta`` (the header as JSON); per event ``seq``, ``token``, ``layer``, 
 and ``offsets`` into ``experts`` (and ``weights`` when every event has them); ``logits`` / ``next_logits``
 as float32 matrices with a ``has_*`` mask; other predictors' ``predictions`` as ``pred_offsets`` per event
 into ``pred_passes_ahead``, ``pred_layer`` and the ``pred_logits`` matrix.
+
+Reading opens only these members (never pickles, never another member, however large), checks each one's
+dtype, dimensions and length from its ``.npy`` header before reading any data, then the values: experts
+within the header's ``experts_per_layer``, layers among its ``moe_layers``, finite weights and logits, each
+sequence's rows in order without repeats. Anything wrong is one `TraceError` naming the file and the array.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import zipfile
+import zlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from specmd.sim.trace.events import Prediction, Trace, TraceError, TraceEvent
+from specmd.cache.layout import MAX_EXPERTS_PER_LAYER
+from specmd.sim.trace.events import (
+    INT_LIMIT,
+    Prediction,
+    Trace,
+    TraceError,
+    TraceEvent,
+    check_header,
+    with_overrides,
+)
 
 
 def _matrix(rows: Sequence[Sequence[float] | None]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -72,50 +89,270 @@ def _rows(matrix: np.ndarray) -> list[array]:
     return [array("d", values[i].tobytes()) for i in range(len(values))]
 
 
-def read_npz(source: Path) -> tuple[dict[str, Any], list[TraceEvent]]:
-    """The header and events of a compact binary trace."""
+# The members a trace may hold: (dtype kinds, dimensions). Any other member is never read.
+_MEMBERS: dict[str, tuple[str, int]] = {
+    "meta": ("U", 0),
+    "seq": ("iu", 1),
+    "token": ("iu", 1),
+    "layer": ("iu", 1),
+    "prefill": ("iu", 1),
+    "offsets": ("iu", 1),
+    "experts": ("iu", 1),
+    "weights": ("f", 1),
+    "logits": ("f", 2),
+    "has_logits": ("b", 1),
+    "next_logits": ("f", 2),
+    "has_next_logits": ("b", 1),
+    "pred_offsets": ("iu", 1),
+    "pred_passes_ahead": ("iu", 1),
+    "pred_layer": ("iu", 1),
+    "pred_logits": ("f", 2),
+}
+_KINDS = {"iu": "integers", "f": "floats", "b": "booleans", "U": "the header as JSON text"}
+_REQUIRED = ("meta", "seq", "token", "layer", "prefill", "offsets", "experts")
+_TOGETHER = (
+    ("logits", "has_logits"),
+    ("next_logits", "has_next_logits"),
+    ("pred_offsets", "pred_passes_ahead", "pred_layer", "pred_logits"),
+)
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+class _Npz:
+    """The known members of an open .npz: their shapes from the .npy headers, their data read on demand."""
+
+    def __init__(self, npz: Any, source: Path) -> None:
+        self.source = source
+        self._npz = npz
+        stored = set(npz.zip.namelist())
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for name, (kinds, ndim) in _MEMBERS.items():
+            member = name + ".npy" if name + ".npy" in stored else name
+            if member not in stored:
+                continue
+            with npz.zip.open(member) as fp:
+                version = np.lib.format.read_magic(fp)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+                else:
+                    raise ValueError(f"array {name!r} is in .npy format version {version}, which specmd does not read")
+            if dtype.kind not in kinds:
+                self.fail(f"{name!r} must hold {_KINDS[kinds]}, not {dtype}")
+            if len(shape) != ndim:
+                self.fail(f"{name!r} must be {ndim}-dimensional, not shape {shape}")
+            self.shapes[name] = shape
+
+    def fail(self, message: str) -> None:
+        raise TraceError(f"{self.source}: {message}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def rows(self, name: str) -> int:
+        return self.shapes[name][0]
+
+    def read(self, name: str) -> np.ndarray:
+        try:
+            values = self._npz[name]
+        except _UNREADABLE as exc:
+            raise TraceError(f"{self.source}: array {name!r} is not readable ({exc})") from None
+        if values.dtype.kind == "u" and values.size and values.max() >= INT_LIMIT:
+            self.fail(f"{name!r} holds {values.max()}, beyond the integers a trace holds (2**63)")
+        return values.astype(np.int64, copy=False) if values.dtype.kind in "iu" else values
+
+
+def _check_shapes(npz: _Npz) -> int:
+    """The number of rows; every known member's length agrees with it (nothing read yet)."""
+    missing = [name for name in _REQUIRED if name not in npz]
+    if missing:
+        npz.fail(f"missing arrays {missing}")
+    for group in _TOGETHER:
+        for name in group:
+            absent = [other for other in group if other not in npz]
+            if name in npz and absent:
+                npz.fail(f"{name!r} comes without {absent[0]!r}")
+    rows = npz.rows("seq")
+    for name in ("token", "layer", "prefill", "logits", "has_logits", "next_logits", "has_next_logits"):
+        if name in npz and npz.rows(name) != rows:
+            npz.fail(f"{name!r} has {npz.rows(name)} rows, but 'seq' has {rows}")
+    for name in ("offsets", "pred_offsets"):
+        if name in npz and npz.rows(name) != rows + 1:
+            npz.fail(f"{name!r} has {npz.rows(name)} values; {rows} rows need {rows + 1}")
+    if "pred_offsets" in npz:
+        predictions = npz.rows("pred_passes_ahead")
+        for name in ("pred_layer", "pred_logits"):
+            if npz.rows(name) != predictions:
+                npz.fail(f"{name!r} has {npz.rows(name)} rows, but 'pred_passes_ahead' has {predictions}")
+    if not rows:
+        npz.fail("the trace has no routing rows")
+    return rows
+
+
+def _meta(npz: _Npz) -> dict[str, Any]:
+    text = str(npz.read("meta"))
     try:
-        with np.load(source, allow_pickle=False) as npz:
-            data = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError) as exc:
-        raise TraceError(f"{source}: not a readable .npz trace ({exc})") from exc
-    required = {"meta", "seq", "token", "layer", "prefill", "offsets", "experts"}
-    if not required <= set(data):
-        raise TraceError(f"{source}: missing arrays {sorted(required - set(data))}")
-    meta = json.loads(str(data["meta"]))
-    offsets, experts = data["offsets"].tolist(), data["experts"].tolist()
-    weights = data["weights"].tolist() if "weights" in data else None
-    count = len(offsets) - 1
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:80]
+        raise TraceError(f"{npz.source}: 'meta' is not valid JSON ({reason})") from None
+    if not isinstance(meta, dict):
+        npz.fail(f"'meta' must be a JSON object (the header), got {type(meta).__name__}")
+    return meta
 
-    def rows(name: str) -> list[array | None]:
-        if name not in data:
-            return [None] * count
-        present = data[f"has_{name}"].tolist()
-        return [row if there else None for row, there in zip(_rows(data[name]), present, strict=True)]
 
-    logits, next_logits = rows("logits"), rows("next_logits")
+def _check_offsets(npz: _Npz, name: str, offsets: np.ndarray, total: int, least: int) -> None:
+    steps = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != total or (steps.size and steps.min() < least):
+        npz.fail(f"{name!r} must rise from 0 to {total}, by at least {least} a row")
+
+
+def _check_at_least_0(npz: _Npz, name: str, values: np.ndarray) -> None:
+    if values.size and values.min() < 0:
+        at = int(np.argmax(values < 0))
+        npz.fail(f"{name!r} holds {values[at]} at row {at}; rows hold integers >= 0")
+
+
+def _check_layers(npz: _Npz, name: str, layers: np.ndarray, meta: Mapping[str, Any]) -> None:
+    declared, num_layers = meta.get("moe_layers"), meta.get("num_layers")
+    if declared is not None:
+        bad = ~np.isin(layers, np.asarray(declared, dtype=np.int64))
+        allowed = f"not one of the header's moe_layers {list(declared)}"
+    elif num_layers is not None:
+        bad = layers >= num_layers
+        allowed = f"not below the header's num_layers={num_layers}"
+    else:
+        return
+    if bad.any():
+        at = int(np.argmax(bad))
+        if name == "layer":
+            npz.fail(f"row {at}: layer {layers[at]} is {allowed}")
+        npz.fail(f"{name!r} holds {layers[at]} at prediction {at}, {allowed}")
+
+
+def _check_logits(npz: _Npz, name: str, matrix: np.ndarray, present: np.ndarray | None, width: int | None) -> int:
+    """The width of `matrix`'s rows, checked against `width` (the header's, or other matrices'); its present
+    rows finite."""
+    if width is not None and matrix.shape[1] != width:
+        npz.fail(f"{name!r} rows have {matrix.shape[1]} values, but layers have {width} experts")
+    finite = np.isfinite(matrix).all(axis=1)
+    bad = ~finite if present is None else present & ~finite
+    if bad.any():
+        npz.fail(f"{name!r} row {int(np.argmax(bad))} must be finite numbers")
+    return int(matrix.shape[1])
+
+
+def _check_order(npz: _Npz, seq: np.ndarray, token: np.ndarray, layer: np.ndarray, prefill: np.ndarray) -> None:
+    """Per sequence, rows in order (prefill first, then by token, then by layer), none twice."""
+    order = np.argsort(seq, kind="stable")
+    keys = [(prefill != 1)[order].astype(np.int64), token[order], layer[order]]
+    later = np.zeros(len(order) - 1, dtype=bool)
+    same = np.ones(len(order) - 1, dtype=bool)
+    for key in keys:
+        step = key[1:] - key[:-1]
+        later |= same & (step > 0)
+        same &= step == 0
+    bad = (seq[order][1:] == seq[order][:-1]) & ~later
+    if bad.any():
+        at = int(order[int(np.argmax(bad)) + 1])
+        npz.fail(
+            f"row {at} (sequence {seq[at]}, token {token[at]}, layer {layer[at]}) goes back or repeats; a "
+            "sequence's rows must come in order"
+        )
+
+
+def read_npz(source: Path, overrides: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[TraceEvent], str]:
+    """The header (with `overrides` applied), the events and the SHA-256 of a compact binary trace."""
+    try:
+        with source.open("rb") as raw:
+            sha256 = hashlib.file_digest(raw, "sha256").hexdigest()
+        loaded = np.load(source, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with loaded as npz:
+            meta, events = _read(_Npz(npz, source), overrides)
+            return meta, events, sha256
+    except TraceError:
+        raise
+    except _UNREADABLE as exc:
+        raise TraceError(f"{source}: not a readable .npz trace ({exc})") from None
+
+
+def _read(npz: _Npz, overrides: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[TraceEvent]]:
+    count = _check_shapes(npz)
+    meta = with_overrides(_meta(npz), overrides)
+    check_header(meta, str(npz.source))
+    seq, token, layer, prefill = (npz.read(name) for name in ("seq", "token", "layer", "prefill"))
+    for name, values in (("seq", seq), ("token", token), ("layer", layer)):
+        _check_at_least_0(npz, name, values)
+    if ((prefill < -1) | (prefill > 1)).any():
+        at = int(np.argmax((prefill < -1) | (prefill > 1)))
+        npz.fail(f"'prefill' holds {prefill[at]} at row {at}; it is -1, 0 or 1")
+    _check_layers(npz, "layer", layer, meta)
+    offsets, experts = npz.read("offsets"), npz.read("experts")
+    _check_offsets(npz, "offsets", offsets, len(experts), 1)
+    row_of = np.repeat(np.arange(count), np.diff(offsets))
+    if experts.size and experts.min() < 0:
+        at = int(np.argmax(experts < 0))
+        npz.fail(f"'experts' holds {experts[at]} at row {row_of[at]}; experts are >= 0")
+    width: int | None = meta.get("experts_per_layer")
+    matrices: dict[str, list[array | None]] = {}
+    for name in ("logits", "next_logits"):
+        if name in npz:
+            present = npz.read(f"has_{name}")
+            matrix = npz.read(name)
+            width = _check_logits(npz, name, matrix, present, width)
+            rows = zip(_rows(matrix), present.tolist(), strict=True)
+            matrices[name] = [row if there else None for row, there in rows]
     predicted: list[tuple[Prediction, ...] | None] = [None] * count
-    if "pred_offsets" in data:
-        bounds = data["pred_offsets"].tolist()
-        ahead, layers = data["pred_passes_ahead"].tolist(), data["pred_layer"].tolist()
-        rows = _rows(data["pred_logits"])
-        table = list(zip(ahead, layers, rows, strict=True))
-        predicted = [tuple(table[bounds[i] : bounds[i + 1]]) or None for i in range(count)]
+    if "pred_offsets" in npz:
+        bounds, ahead, targets = npz.read("pred_offsets"), npz.read("pred_passes_ahead"), npz.read("pred_layer")
+        _check_offsets(npz, "pred_offsets", bounds, len(ahead), 0)
+        _check_at_least_0(npz, "pred_passes_ahead", ahead)
+        _check_at_least_0(npz, "pred_layer", targets)
+        _check_layers(npz, "pred_layer", targets, meta)
+        pred_logits = npz.read("pred_logits")
+        width = _check_logits(npz, "pred_logits", pred_logits, None, width)
+        table = list(zip(ahead.tolist(), targets.tolist(), _rows(pred_logits), strict=True))
+        limits = bounds.tolist()
+        predicted = [tuple(table[limits[i] : limits[i + 1]]) or None for i in range(count)]
+    limit = width or MAX_EXPERTS_PER_LAYER
+    if (experts >= limit).any():
+        at = int(np.argmax(experts >= limit))
+        if width is None:
+            npz.fail(f"'experts' holds {experts[at]} at row {row_of[at]}, beyond {MAX_EXPERTS_PER_LAYER} experts")
+        whose = "layers have" if meta.get("experts_per_layer") is not None else "its logits cover"
+        npz.fail(f"row {row_of[at]} routes to expert {experts[at]}, but {whose} {limit} experts")
+    keys = np.sort(row_of * limit + experts)
+    if (keys[1:] == keys[:-1]).any():
+        npz.fail(f"row {keys[int(np.argmax(keys[1:] == keys[:-1]))] // limit} lists an expert twice")
+    weights = None
+    if "weights" in npz:
+        values = npz.read("weights")
+        if len(values) != len(experts):
+            npz.fail(f"'weights' has {len(values)} values for {len(experts)} experts")
+        if not np.isfinite(values).all():
+            npz.fail(f"'weights' must be finite numbers (row {row_of[int(np.argmax(~np.isfinite(values)))]})")
+        weights = values.tolist()
+    _check_order(npz, seq, token, layer, prefill)
+    expert_list, bounds_list = experts.tolist(), offsets.tolist()
+    logits = matrices.get("logits") or [None] * count
+    next_logits = matrices.get("next_logits") or [None] * count
     events = []
-    for i, (seq, token, layer, prefill) in enumerate(
-        zip(data["seq"].tolist(), data["token"].tolist(), data["layer"].tolist(), data["prefill"].tolist(), strict=True)
-    ):
-        start, end = offsets[i], offsets[i + 1]
+    columns = zip(seq.tolist(), token.tolist(), layer.tolist(), prefill.tolist(), strict=True)
+    for i, (s, t, lay, p) in enumerate(columns):
+        start, end = bounds_list[i], bounds_list[i + 1]
         events.append(
             TraceEvent(
-                seq=seq,
-                token=token,
-                layer=layer,
-                experts=tuple(experts[start:end]),
+                seq=s,
+                token=t,
+                layer=lay,
+                experts=tuple(expert_list[start:end]),
                 weights=None if weights is None else tuple(weights[start:end]),
                 logits=logits[i],
                 next_logits=next_logits[i],
-                prefill=None if prefill < 0 else bool(prefill),
+                prefill=None if p < 0 else bool(p),
                 predictions=predicted[i],
             )
         )
