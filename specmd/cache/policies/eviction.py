@@ -387,8 +387,8 @@ class NextUse(EvictionPolicy):
     `smoothing` in (0, 1] (0.3), chosen on tuning traces. On the bundled model's traces recorded from
     prompts not used to tune them (`benchmarks/RESULTS.md`, "Beyond the paper"), it closes 68%, 72%, 59%
     and 59% of the gap between max(LRU, LFU) and Belady at 5%, 10%, 25% and 50% capacity without
-    prefetch, and 68%, 72%, 58% and 60% with top-k prefetch on the 5 GB/s link (the original prompts:
-    69%, 72%, 66%, 53%, and with top-k the same but 55% at 50%); the built-in policies close at most 23%.
+    prefetch, and 68%, 72%, 59% and 60% with top-k prefetch on the 5 GB/s link (the original prompts:
+    69%, 72%, 66%, 53%, and with top-k the same but 56% at 50%); the built-in policies close at most 23%.
     The loop estimate carries most of it: the frequency estimate alone (`window=0`) closes 30-49%.
 
     Cost: each layer keeps its resident experts sorted by distance, re-sorted when a new pass starts or
