@@ -204,7 +204,7 @@ class ExpertCache:
         if through_layer >= ANY_LAYER:
             if self.resident_bytes - self._unavailable_bytes(time_s) < excess:
                 return None
-        elif sum(e.nbytes for k, e in self._entries.items() if candidates.allows(k, e)) < excess:
+        elif not self._bounded_room_for(excess):
             return None
         entries, listener, eviction = self._entries, self.listener, self.eviction
         evicted: list[ExpertKey] = []
@@ -222,6 +222,17 @@ class ExpertCache:
             self.resident_bytes -= entry.nbytes
             evicted.append(victim)
         return evicted
+
+    def _bounded_room_for(self, excess: int) -> bool:
+        """Whether the experts the candidates' bounds allow hold at least `excess` bytes (stops once they do)."""
+        allows = self._candidates.allows
+        room = 0
+        for key, entry in self._entries.items():
+            if allows(key, entry):
+                room += entry.nbytes
+                if room >= excess:
+                    return True
+        return False
 
     def insert(
         self,
