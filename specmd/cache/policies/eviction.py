@@ -95,10 +95,11 @@ class LeastStale(EvictionPolicy):
       (the layer just computed, then the one before it, ...; among right layers the deepest first);
     - "layer": ascending layer position, the paper's literal "FIFO by layer position".
 
-    Within a layer, the expert that entered its group first leaves first. On the bundled model's traces
-    without prefetch (`benchmarks/RESULTS.md`, "Least-Stale"), "cyclic" cuts collision misses against LRU
-    by the factors reported there at 5% capacity, "layer" by far less; every update is O(1) and a victim
-    costs a scan over the layers' groups to the first evictable expert.
+    Within a layer, the expert that entered its group first leaves first. On the bundled model's trace of
+    77,503 requests without prefetch (`benchmarks/RESULTS.md`, "The paper's policy space"), "cyclic" has
+    4.5x fewer collision misses than LRU at 5% capacity and 16-18x fewer at 10-50%; "layer" 3.0x at 5%,
+    5.3x at 10%, 1.5x at 25% and more than LRU at 50%. Every update is O(1); a victim costs a scan over
+    the layers' groups to the first evictable expert.
     """
 
     def __init__(self, order: object = "cyclic") -> None:
