@@ -17,6 +17,10 @@ NAME = "olmoe-stdlib"
 # The configs of the four models the SpecMD paper studies (`specmd.offload_models.info` reads them); listing
 # them imports nothing heavy, so the command line's help can name them.
 BUNDLED_CONFIGS = Path(__file__).parent / "data" / "configs"
+# Twelve short Python prompts (one JSON string a line) that `specmd demo` and `specmd reproduce` generate from.
+BUNDLED_PROMPTS = Path(__file__).parent / "data" / "prompts" / "stdlib.jsonl"
+# The paper's regime for the bundled model's routing: priced as OLMoE-1B-7B on the paper's system as measured.
+PAPER_SHAPE, PAPER_HARDWARE = "olmoe-1b-7b", "a100-paper"
 
 
 def bundled_configs() -> list[str]:

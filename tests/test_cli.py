@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from specmd import cli
+from specmd.cli.run import DEMO_ROWS
 
 
 @pytest.fixture(scope="module")
@@ -26,30 +27,42 @@ def specmd(cache_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
-def test_demo_compares_four_policies(cache_dir: Path) -> None:
-    run = specmd(cache_dir, "demo", "--max-new-tokens", "4", "--json")
+def test_demo_tells_the_papers_story_from_one_run(cache_dir: Path) -> None:
+    run = specmd(cache_dir, "demo", "--max-new-tokens", "6", "--json")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
-    assert [r["policy"] for r in result["results"]] == [
-        "none/lru/fetch/standard",
-        "topk/lru/fetch/standard",
-        "none/least-stale/fetch/standard",
-        "topk/least-stale/fetch/standard",
-    ]
-    assert (result["cache_frac"], result["bandwidth_gbps"]) == (0.05, 5.0)
-    for row in result["results"]:
-        stats = row["stats"]
-        assert stats["requests"] == stats["hits"] + stats["late_prefetches"] + stats["misses"] > 0
-        assert stats["decode_tokens"] == 3 * 3 and stats["ttft_s"] > 0
-    assert result["results"][1]["stats"]["prefetches_issued"] > 0
+    assert [r["policy"] for r in result["results"]] == list(DEMO_ROWS)
+    assert (result["cache_frac"], result["bandwidth_gbps"], result["hardware"], result["shape_from"]) == (
+        0.05, "profile", "a100-paper", "olmoe-1b-7b",
+    )  # fmt: skip
+    stats = {r["policy"]: r["stats"] for r in result["results"]}
+    prompts = len(result["prompts"])
+    for row in stats.values():
+        assert row["requests"] == row["hits"] + row["late_prefetches"] + row["misses"] > 0
+        assert row["decode_tokens"] == 5 * prompts and row["ttft_s"] > 0
+    # the model ran once; its live counters are the first row's replay, digit for digit (wall clock aside)
+    live = result["live"]["stats"]
+    assert {k: v for k, v in live.items() if not k.startswith("wall")} == {
+        k: v for k, v in stats[DEMO_ROWS[0]].items() if not k.startswith("wall")
+    }
+    assert len(result["live"]["outputs"]) == prompts
+    # the story the rows tell on the bundled model in the paper's regime
+    lru, ls = stats["none/lru/fetch/standard"], stats["none/least-stale/fetch/standard"]
+    belady = stats["none/belady/fetch/standard"]
+    assert ls["collision_misses"] < lru["collision_misses"] and ls["hit_rate"] > lru["hit_rate"]
+    assert stats["topk/lru/fetch/standard"]["hit_rate"] > lru["hit_rate"] + 0.2  # prefetches land
+    assert belady["hit_rate"] >= max(s["hit_rate"] for p, s in stats.items() if p.startswith("none/"))
+    assert all(r["note"] for r in result["results"])
 
 
 def test_demo_table(cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("SPECMD_CACHE_DIR", str(cache_dir))
     monkeypatch.setattr(cli, "out", Console(width=160))
-    assert cli.main(["demo", "--max-new-tokens", "2", "--cache-frac", "0.25"]) == 0
+    assert cli.main(["demo", "--max-new-tokens", "2", "--cache-frac", "0.25", "--bandwidth-gbps", "5"]) == 0
     shown = capsys.readouterr().out
-    assert "cache 25%, 5.0 GB/s" in shown and "topk/least-stale" in shown and "collisions" in shown
+    assert "cache 25%, 5.0 GB/s, a100-paper compute, priced as" in shown
+    assert "topk/least-stale" in shown and "none/belady" in shown and "What to notice" in shown
+    assert "fewer collisions than LRU" in shown and "The model ran once" in shown
 
 
 def test_generate_prints_text_and_metrics(cache_dir: Path, tmp_path: Path) -> None:

@@ -195,18 +195,23 @@ def add_hardware(
     text: str = "hardware profile pricing emulated compute ({default})",
     *,
     many: bool = False,
+    default: str | None = None,
 ) -> None:
-    """--hardware, a profile of the registry (default: its default); `text` may name {default} and {profiles}."""
+    """--hardware, a profile of the registry (default: `default`, else the registry's); `text` may name {default}
+    and {profiles}."""
     from specmd.cache.hardware import DEFAULT_HARDWARE, PROFILES
 
-    text = text.format(default=DEFAULT_HARDWARE, profiles=", ".join(PROFILES))
+    default = default or DEFAULT_HARDWARE
+    text = text.format(default=default, profiles=", ".join(PROFILES))
     if many:
         parser.add_argument("--hardware", nargs="+", help=text)
     else:
-        parser.add_argument("--hardware", default=DEFAULT_HARDWARE, help=text)
+        parser.add_argument("--hardware", default=default, help=text)
 
 
-def add_shape_from(parser: argparse.ArgumentParser, *, many: bool = False, routing: str = "the trace's") -> None:
+def add_shape_from(
+    parser: argparse.ArgumentParser, *, many: bool = False, routing: str = "the trace's", default: str | None = None
+) -> None:
     """--shape-from: price experts and compute as another model's (a config.json, directory, hub id or bundled name)."""
     from specmd.default_model import bundled_configs  # not info's module: it imports transformers' models
 
@@ -214,8 +219,10 @@ def add_shape_from(parser: argparse.ArgumentParser, *, many: bool = False, routi
         "--shape-from",
         nargs="+" if many else None,
         metavar="CONFIG",
+        default=default,
         help="price every expert and layer as this model's: a config.json, a checkpoint directory, a hub id or one "
-        f"of {', '.join(bundled_configs())} ({routing} routing is kept)",
+        f"of {', '.join(bundled_configs())} ({routing} routing is kept"
+        + (f"; default: {default}, '' for the model's own)" if default else ")"),
     )
 
 
@@ -226,12 +233,19 @@ def priced_as(name: str) -> Any:
     return expert_layout(load_config(name))
 
 
-def add_offload_options(parser: argparse.ArgumentParser, bandwidth: float | None) -> None:
-    """What a live run's offloaded model is built with (`load_model`): cache size, link, hardware, precisions."""
+def add_offload_options(
+    parser: argparse.ArgumentParser,
+    bandwidth: float | str | None,
+    *,
+    hardware: str | None = None,
+    shape_from: str | None = None,
+) -> None:
+    """What a live run's offloaded model is built with (`load_model`): cache size, link, hardware (default:
+    `hardware`, else the registry's), pricing (default: `shape_from`), precisions."""
     add_cache_size(parser)
     add_link(parser, bandwidth)
-    add_hardware(parser)
-    add_shape_from(parser, routing="the model's")
+    add_hardware(parser, default=hardware)
+    add_shape_from(parser, routing="the model's", default=shape_from)
     add_dtype(parser)
     parser.add_argument(
         "--precisions",
@@ -250,7 +264,7 @@ def load_model(args: argparse.Namespace, policy: str) -> Any:
         policy=policy,
         bandwidth_gbps=args.bandwidth_gbps,
         hardware=args.hardware,
-        shape_from=args.shape_from,
+        shape_from=args.shape_from or None,
         expert_precisions=tuple(args.precisions.split(",")) if args.precisions else None,
         dtype=torch_dtype(args.dtype),
         progress=not args.json,

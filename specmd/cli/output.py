@@ -14,7 +14,14 @@ from typing import Any
 from rich.table import Table
 
 from specmd import cli
+from specmd.cache.hardware import PROFILES
 from specmd.cli.options import PROFILE
+
+
+def _rate(per_s: float) -> str:
+    """A speed to three significant digits below 100 (the paper's system decodes 1.7 tokens/s), else whole."""
+    return f"{per_s:,.0f}" if per_s >= 100 else f"{per_s:.3g}"
+
 
 METRICS: tuple[tuple[str, Callable[[Any], str]], ...] = (
     ("hit rate", lambda s: f"{s.hit_rate:.1%}"),
@@ -22,9 +29,10 @@ METRICS: tuple[tuple[str, Callable[[Any], str]], ...] = (
     ("collisions", lambda s: str(s.collision_misses)),
     ("stall ms", lambda s: f"{s.stall_s * 1e3:.1f}"),
     ("TTFT ms", lambda s: f"{s.ttft_s * 1e3:.2f}"),
-    ("tok/s", lambda s: f"{s.tokens_per_s:,.0f}"),
-    ("wall tok/s", lambda s: f"{s.wall_tokens_per_s:,.0f}"),
+    ("tok/s", lambda s: _rate(s.tokens_per_s)),
+    ("wall tok/s", lambda s: _rate(s.wall_tokens_per_s)),
 )
+
 METRIC_NOTE = (
     "hit rate: requests found resident and ready; late: prefetches still in flight when requested; "
     "collisions: misses on experts evicted earlier in the same pass; stall, TTFT and tok/s are emulated "
@@ -49,22 +57,28 @@ def capacity_label(args: argparse.Namespace) -> str:
 def link_label(args: argparse.Namespace) -> str:
     """The link as given: "5.0 GB/s", "native speed", or the hardware profile's link."""
     if args.bandwidth_gbps == PROFILE:
-        return f"the {args.hardware} link"
+        profile = PROFILES.get(args.hardware)
+        return f"the {args.hardware} link" + (f" ({profile.link_bandwidth_gbps:g} GB/s)" if profile else "")
     return f"{args.bandwidth_gbps} GB/s" if args.bandwidth_gbps else "native speed"
 
 
-def metrics_table(title: str, label: str, *, fold: bool = False) -> Table:
-    """A table of one run a row: a `label` column, then a column a metric (headers folded with `fold`)."""
+def _metrics(wall: bool) -> tuple[tuple[str, Callable[[Any], str]], ...]:
+    return METRICS if wall else tuple(m for m in METRICS if not m[0].startswith("wall"))
+
+
+def metrics_table(title: str, label: str, *, fold: bool = False, wall: bool = True) -> Table:
+    """A table of one run a row: a `label` column, then a column a metric (headers folded with `fold`; without
+    the wall-clock ones when not `wall`)."""
     table = Table(title=title)
     table.add_column(label, no_wrap=True)
-    for name, _ in METRICS:
+    for name, _ in _metrics(wall):
         table.add_column(name, justify="right", overflow="fold" if fold else "ellipsis")
     return table
 
 
-def metric_cells(stats: Any) -> list[str]:
+def metric_cells(stats: Any, *, wall: bool = True) -> list[str]:
     """The row of `stats` (CacheStats, or any object with its fields) under the `metrics_table` columns."""
-    return [fmt(stats) for _, fmt in METRICS]
+    return [fmt(stats) for _, fmt in _metrics(wall)]
 
 
 def show_metrics(table: Table) -> None:
@@ -78,7 +92,6 @@ def print_stats(args: argparse.Namespace, stats: Any, *, wall: bool = True) -> N
     table = Table(title=f"{args.policy}, cache {capacity_label(args)}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, fmt in METRICS:
-        if wall or not name.startswith("wall"):
-            table.add_row(name, fmt(stats))
+    for name, fmt in _metrics(wall):
+        table.add_row(name, fmt(stats))
     show_metrics(table)

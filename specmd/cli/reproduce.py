@@ -10,8 +10,8 @@ from typing import Any
 from specmd import cli
 from specmd.cli import options, output
 from specmd.cli.research import read_prompts
+from specmd.default_model import BUNDLED_PROMPTS, PAPER_HARDWARE, PAPER_SHAPE
 
-PROMPTS = Path(__file__).parents[1] / "data" / "prompts" / "stdlib.jsonl"
 QUALITY_TEXT = Path(sysconfig.get_paths()["stdlib"]) / "dataclasses.py"  # held out from the bundled model's training
 LIVE_CONFIGS = ("config3", "config3+ls", "config4", "config4+ls")
 
@@ -29,14 +29,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--model", help="model for recording, the live-only configurations and the quality plane (default: the "
         "bundled model when no trace is given; none otherwise)",
     )  # fmt: skip
-    reproduce.add_argument("--prompts", default=str(PROMPTS), help="prompts to generate from (default: 12 bundled)")
+    reproduce.add_argument(
+        "--prompts", default=str(BUNDLED_PROMPTS), help="prompts to generate from (default: 12 bundled)"
+    )
     options.add_max_new_tokens(reproduce)
     reproduce.add_argument(
-        "--shape-from", default="olmoe-1b-7b", metavar="CONFIG",
-        help="price experts and compute as this model's, '' for the traces' own (default: olmoe-1b-7b)",
+        "--shape-from", default=PAPER_SHAPE, metavar="CONFIG",
+        help=f"price experts and compute as this model's, '' for the traces' own (default: {PAPER_SHAPE})",
     )  # fmt: skip
-    options.add_hardware(reproduce, "hardware profile (default: a100-paper, the paper's system as measured)")
-    reproduce.set_defaults(hardware="a100-paper")
+    options.add_hardware(reproduce, "hardware profile (default: {default}, the paper's system as measured)",
+                         default=PAPER_HARDWARE)  # fmt: skip
     reproduce.add_argument("--capacities", type=options.fraction, nargs="+", default=[0.01, 0.05, 0.25])
     reproduce.add_argument(
         "--links", type=options.parse_bandwidth, nargs="+", default=["profile", 25.0],
