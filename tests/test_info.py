@@ -60,6 +60,36 @@ def test_the_papers_anchors() -> None:
     assert [c.experts for c in mixtral.capacities] == [2, 12, 64]  # 1%, 5%, 25% of 256
 
 
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_other_weights_and_routed_experts_make_the_published_size(name: str) -> None:
+    published = REAL_MODELS[name][-1]
+    info = model_info(load_config(CONFIGS / name))
+    counted = info.dense_bytes // 2 + info.routed_experts * info.expert_params  # bf16: 2 bytes a weight
+    assert abs(counted - published) / published < 0.02
+
+
+def test_memory_needs_match_a_real_model() -> None:
+    """The bundled model, loaded by stock transformers: its non-expert weights' bytes, and the KV cache a
+    forward pass of 37 tokens leaves, are what `info` says."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from specmd import default_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
+    info = model_info(load_config(default_model_path()), kv_tokens=37)
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mlp.experts." not in n)
+    assert info.dense_bytes == dense
+    with torch.no_grad():
+        cache = model(torch.arange(37)[None] % 100, use_cache=True).past_key_values
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert info.kv_bytes_per_token * 37 == kv
+    for need, frac in zip(info.device, CAPACITY_FRACTIONS, strict=True):
+        assert need.cache_frac == frac and need.kv_bytes == kv and need.dense_bytes == dense
+        assert need.total_bytes == need.cache_bytes + dense + kv
+        assert need.cache_bytes == info.precisions[0].capacities[CAPACITY_FRACTIONS.index(frac)].bytes
+
+
 def test_a_config_file_and_its_directory_agree() -> None:
     folder = CONFIGS / "qwen1.5-moe-a2.7b"
     assert model_info(load_config(folder / "config.json")) == model_info(load_config(folder))
@@ -82,6 +112,19 @@ def test_console_script_json() -> None:
     assert [c["experts"] for c in bf16["capacities"]] == [2, 12, 64]
 
 
+def test_device_memory_for_the_capacity_and_context_asked_for() -> None:
+    run = specmd("info", "mixtral-8x7b", "--cache-frac", "0.05", "0.5", "--kv-tokens", "4096", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    total = 256 * 352_321_536
+    kv = 4096 * 2 * 32 * 8 * 128 * 2  # tokens x (keys, values) x layers x kv heads x head dim x bf16
+    assert [d["cache_bytes"] for d in result["device"]] == [int(0.05 * total), int(0.5 * total)]
+    for need in result["device"]:
+        assert need["kv_tokens"] == 4096 and need["kv_bytes"] == kv == 4096 * result["kv_bytes_per_token"]
+        assert need["total_bytes"] == need["cache_bytes"] + result["dense_bytes"] + kv
+    assert [c["cache_frac"] for c in result["precisions"][0]["capacities"]] == [0.05, 0.5]
+
+
 def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
     shown = Console(width=200, record=True, file=io.StringIO())
     errors = Console(width=200, record=True, file=io.StringIO())
@@ -98,6 +141,8 @@ def test_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert "16 of 16 layers are MoE; 64 experts per layer, top-8; 1024 routed experts" in shown
     assert "bf16 (stored)" in shown and "12.58 MB" in shown and "12.88 GB" in shown
     assert "644.25 MB: 51 experts" in shown  # 5%
+    assert "fast memory at batch 1 with 1,000 tokens of context" in shown
+    assert "953.42 MB" in shown and "131.07 MB per 1,000 tokens" in shown and "1.73 GB" in shown  # 5%: the total
     assert json.loads(out.read_text())["routed_experts"] == 1024
 
 

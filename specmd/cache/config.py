@@ -14,6 +14,7 @@ from specmd.cache.hardware import DEFAULT_HARDWARE, HardwareProfile, get_profile
 from specmd.cache.layout import ExpertLayout
 from specmd.cache.link import EmulatedLink
 from specmd.cache.policies.spec import PolicySpec
+from specmd.cache.sizes import parse_size
 
 PROFILE = "profile"
 
@@ -29,7 +30,8 @@ class CacheConfig:
 
     Attributes:
         cache_frac: fraction of all routed-expert bytes that fit in fast memory, 0 < f <= 1.
-        cache_bytes: the same as a byte count; give exactly one of the two.
+        cache_bytes: the same as a byte count (an int, or a size such as "3MB" or "6GiB"; kept as the int it
+            stands for); give exactly one of the two.
         policy: the policy mix (`PolicySpec`, or its text / dict form).
         bandwidth_gbps: emulated host-to-device link in GB/s; None = native speed (transfers take no
             emulated time); "profile" = the hardware profile's link.
@@ -40,7 +42,7 @@ class CacheConfig:
     """
 
     cache_frac: float | None = None
-    cache_bytes: int | None = None
+    cache_bytes: int | str | None = None
     policy: PolicySpec = field(default_factory=lambda: PolicySpec.parse(None))
     bandwidth_gbps: float | str | None = None
     link_latency_s: float | None = None
@@ -56,10 +58,8 @@ class CacheConfig:
             )
         if self.cache_frac is not None and not (is_number(self.cache_frac) and 0 < self.cache_frac <= 1):
             raise ValueError(f"cache_frac must be a number with 0 < cache_frac <= 1, got {self.cache_frac!r}")
-        if self.cache_bytes is not None and not (
-            isinstance(self.cache_bytes, int) and not isinstance(self.cache_bytes, bool) and self.cache_bytes > 0
-        ):
-            raise ValueError(f"cache_bytes must be a positive integer, got {self.cache_bytes!r}")
+        if self.cache_bytes is not None:
+            object.__setattr__(self, "cache_bytes", parse_size(self.cache_bytes, "cache_bytes"))
         object.__setattr__(self, "policy", PolicySpec.parse(self.policy))
         if not (self.bandwidth_gbps in (None, PROFILE) or (is_number(self.bandwidth_gbps) and self.bandwidth_gbps > 0)):
             raise ValueError(
@@ -85,9 +85,8 @@ class CacheConfig:
     def capacity_bytes(self, layout: ExpertLayout) -> int:
         """The capacity this config gives `layout`'s experts; under one expert (the largest stored copy) is an error."""
         total, largest = layout.full_bytes, max(layout.expert_bytes.values())
-        capacity = self.cache_bytes
-        if capacity is None:
-            capacity = layout.bytes_of_fraction(self.cache_frac)  # type: ignore[arg-type]
+        frac, nbytes = self.cache_frac, self.cache_bytes  # nbytes: an int since __post_init__
+        capacity = layout.bytes_of_fraction(frac) if nbytes is None else int(nbytes)  # type: ignore[arg-type]
         if capacity < largest:
             given = (
                 f"cache_bytes={self.cache_bytes}"

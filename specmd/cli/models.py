@@ -30,6 +30,14 @@ def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "info", help="layers, experts, top-k and expert bytes of a model, from its config alone (no weights)"
     )
     options.add_model(info, "checkpoint directory, config.json file, hub id, or 'default'")
+    info.add_argument(
+        "--cache-frac", type=options.fraction, nargs="+", default=[0.01, 0.05, 0.25],
+        help="capacities to size, as fractions of all expert bytes (0.01 0.05 0.25)",
+    )  # fmt: skip
+    info.add_argument(
+        "--kv-tokens", type=options.positive_int, default=1000,
+        help="tokens of context whose KV cache (batch 1) the device memory counts (1000)",
+    )  # fmt: skip
     options.add_output(info)
     info.set_defaults(func=cmd_info)
 
@@ -42,6 +50,10 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:.3g}%"  # 0.005 is 0.5%, not 0%
+
+
 def _experts(count: int) -> str:
     return "under one expert" if count == 0 else f"{count:,} expert{'s' if count > 1 else ''}"
 
@@ -49,7 +61,7 @@ def _experts(count: int) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from specmd.offload_models.info import load_config, model_info
 
-    info = model_info(load_config(options.model_path(args.model)))
+    info = model_info(load_config(options.model_path(args.model)), tuple(args.cache_frac), args.kv_tokens)
     output.emit(args, {"model": args.model, **info.to_dict()})
     if not args.json:
         dense = sorted(set(range(info.num_layers)) - set(info.moe_layers))
@@ -67,18 +79,30 @@ def cmd_info(args: argparse.Namespace) -> int:
             title=f"routed-expert bytes, and what a cache of a fraction of them (at {info.full_precision}) holds"
         )
         table.add_column("precision")
-        for column in ("one expert", "all experts"):
+        for column in ("one expert", "all experts (host RAM)"):
             table.add_column(column, justify="right")
         for capacity in info.precisions[0].capacities:
-            table.add_column(f"{capacity.cache_frac:.0%} cache", justify="right")
+            table.add_column(f"{_percent(capacity.cache_frac)} cache", justify="right")
         for sizes in info.precisions:
             stored = " (stored)" if sizes.precision == info.stored_precision else ""
             cells = [f"{_size(c.bytes)}: {_experts(c.experts)}" for c in sizes.capacities]
             table.add_row(sizes.precision + stored, _size(sizes.bytes_per_expert), _size(sizes.total_bytes), *cells)
         cli.out.print(table)
+        device = Table(title=f"fast memory at batch 1 with {args.kv_tokens:,} tokens of context")
+        for column in ("cache", "expert cache", "other weights", "KV cache", "total"):
+            device.add_column(column, justify="right")
+        for need in info.device:
+            device.add_row(
+                _percent(need.cache_frac), _size(need.cache_bytes), _size(need.dense_bytes), _size(need.kv_bytes),
+                _size(need.total_bytes),
+            )  # fmt: skip
+        cli.out.print(device)
         cli.out.print(
-            "GB = 1e9 B. A cache under one expert is refused at load. Non-expert weights (attention, norms, "
-            "routers, shared experts, embeddings) come on top.",
+            f"GB = 1e9 B. A cache under one expert is refused at load. Host RAM: every expert at each precision "
+            f"stored (storage='ram'; several precisions, their sum). Other weights: embeddings, attention, norms, "
+            f"routers, dense and shared MLPs, LM head at {info.full_precision}, kept in fast memory. KV cache: "
+            f"{_size(info.kv_bytes_per_token * 1000)} per 1,000 tokens. Activations and the framework's buffers "
+            f"come on top.",
             style="dim",
         )
     return 0

@@ -77,6 +77,16 @@ def fraction(text: str) -> float:
     return _number(text, "with 0 < value <= 1", lambda v: 0 < v <= 1)
 
 
+def byte_size(text: str) -> int:
+    """An argparse type: a byte count, as digits or a size such as 3MB or 6GiB (`specmd.cache.sizes`)."""
+    from specmd.cache.sizes import SIZE_FORMS, parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {SIZE_FORMS}, got {text!r}") from None
+
+
 def prompt_text(text: str) -> str:
     """An argparse type: a prompt, which must not be empty (the model needs a token to start from)."""
     if not text:
@@ -157,8 +167,9 @@ def add_cache_size(parser: argparse.ArgumentParser, *, default: float | None = 0
     )
     size.add_argument(
         "--cache-bytes",
-        type=positive_int,
-        help="cache capacity in bytes" + (", instead of --cache-frac" if default else ""),
+        type=byte_size,
+        help="cache capacity: bytes, or a size such as 600MB or 2GiB"
+        + (", instead of --cache-frac" if default else ""),
     )
 
 

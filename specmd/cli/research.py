@@ -91,7 +91,9 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     options.add_hardware(replay, "hardware profile ({profiles})")
     replay.add_argument("--experts-per-layer", type=options.positive_int, help="for traces whose header lacks it")
     replay.add_argument(
-        "--expert-bytes", type=options.positive_int, help="bytes of one expert, for traces whose header lacks it"
+        "--expert-bytes",
+        type=options.byte_size,
+        help="bytes of one expert (or a size such as 12.6MB), for traces whose header lacks it",
     )
     options.add_shape_from(replay)
     options.add_output(replay)

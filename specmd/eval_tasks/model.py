@@ -50,7 +50,7 @@ class OffloadHFLM(HFLM):
         self,
         pretrained: str = "default",
         cache_frac: float | None = None,
-        cache_bytes: int | None = None,
+        cache_bytes: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         if pretrained == "default":

@@ -152,7 +152,7 @@ class OffloadMixin:
         pretrained_model_name_or_path: str | os.PathLike[str],
         *model_args: Any,
         cache_frac: float | None = None,
-        cache_bytes: int | None = None,
+        cache_bytes: int | str | None = None,
         policy: Any = None,
         bandwidth_gbps: float | None = None,
         link_latency_s: float | None = None,
@@ -166,7 +166,8 @@ class OffloadMixin:
         progress: bool = True,
         **kwargs: Any,
     ) -> Any:
-        """Load a checkpoint with its experts in a cache of `cache_frac` (or `cache_bytes`).
+        """Load a checkpoint with its experts in a cache of `cache_frac` (or `cache_bytes`: a count, or a size such
+        as "600MB" or "2GiB").
 
         Every other keyword goes to transformers' `from_pretrained` (`dtype`, `device_map`, ...). No code of the
         checkpoint's own runs unless `trust_remote_code=True` is passed (None counts as False: no prompt).

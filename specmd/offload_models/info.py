@@ -24,6 +24,7 @@ from specmd.offload_models.checkpoint import read_config
 from specmd.quant.formats import ExpertFormat, ExpertShape, get_format, precision_of_dtype, registered_formats
 
 CAPACITY_FRACTIONS = (0.01, 0.05, 0.25)
+KV_TOKENS = 1000  # the KV cache is quoted per this many tokens at batch 1
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,23 @@ class Capacity:
     cache_frac: float
     bytes: int
     experts: int
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What fast memory a run with a cache of `cache_frac` needs at batch 1: the cache's `cache_bytes`, the
+    non-expert weights (`dense_bytes`) and the KV cache of `kv_tokens` tokens (`kv_bytes`); activations and the
+    framework's own buffers come on top."""
+
+    cache_frac: float
+    cache_bytes: int
+    dense_bytes: int
+    kv_tokens: int
+    kv_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.cache_bytes + self.dense_bytes + self.kv_bytes
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,12 @@ class ModelInfo:
         stored_precision: the precision the config says the weights are stored in (None: not said).
         full_precision: what a cache fraction counts: the stored precision, which a model loads in by default
             (torch's default dtype, fp32, when the config does not say).
-        precisions: sizes at every precision specmd knows.
+        precisions: sizes at every precision specmd knows; a precision's `total_bytes` is also the host RAM
+            that storing every expert at it takes (`storage="ram"`; storing several precisions takes their sum).
+        dense_bytes: every weight but the routed experts (embeddings, attention, norms, routers, dense and
+            shared MLPs, LM head) at full precision: these stay in fast memory.
+        kv_bytes_per_token: the KV cache of one token at batch 1 (keys and values of every layer).
+        device: fast memory needed with a cache of each of `CAPACITY_FRACTIONS` (or the fractions asked for).
     """
 
     model_type: str
@@ -73,6 +96,9 @@ class ModelInfo:
     stored_precision: str | None
     full_precision: str
     precisions: tuple[PrecisionSizes, ...]
+    dense_bytes: int
+    kv_bytes_per_token: int
+    device: tuple[DeviceMemory, ...]
 
     @property
     def routed_experts(self) -> int:
@@ -80,7 +106,8 @@ class ModelInfo:
         return len(self.moe_layers) * self.experts_per_layer
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"routed_experts": self.routed_experts}
+        device = [asdict(d) | {"total_bytes": d.total_bytes} for d in self.device]
+        return asdict(self) | {"routed_experts": self.routed_experts, "device": device}
 
 
 def load_config(model_or_config: str | os.PathLike[str]) -> PretrainedConfig:
@@ -108,13 +135,18 @@ def full_precision(config: PretrainedConfig) -> str:
         return precision_of_dtype(torch.get_default_dtype())
 
 
-def model_shape(config: PretrainedConfig) -> ModelShape:
-    """The compute shape of a model of `config` (what the roofline prices), counted on the meta device: the
-    model is built without memory or weights."""
+def _meta_model(config: PretrainedConfig) -> Any:
+    """The offloaded model of `config` on the meta device: built without memory or weights (no routed experts)."""
     cls = AutoOffloadForCausalLM.class_for(getattr(config, "model_type", None))
     with torch.device("meta"):
-        model = cls(config)
-    shape = model._model_shape(cls.arch.expert_shape(config))
+        return cls(config)
+
+
+def model_shape(config: PretrainedConfig, model: Any = None) -> ModelShape:
+    """The compute shape of a model of `config` (what the roofline prices), counted on the meta device (`model`,
+    when already built there)."""
+    model = model if model is not None else _meta_model(config)
+    shape = model._model_shape(type(model).arch.expert_shape(config))
     return replace(shape, dtype_bytes=int(get_format(full_precision(config)).bits) // 8)  # as the checkpoint runs
 
 
@@ -141,8 +173,11 @@ def _stores(fmt: ExpertFormat, shape: ExpertShape) -> bool:
     return True
 
 
-def model_info(config: PretrainedConfig) -> ModelInfo:
-    """Expert counts and sizes of the model `config` describes; an unsupported model type is a ValueError."""
+def model_info(
+    config: PretrainedConfig, fractions: tuple[float, ...] = CAPACITY_FRACTIONS, kv_tokens: int = KV_TOKENS
+) -> ModelInfo:
+    """Expert counts and sizes of the model `config` describes, and the memory a run needs with caches of
+    `fractions` and `kv_tokens` tokens of context; an unsupported model type is a ValueError."""
     cls = AutoOffloadForCausalLM.class_for(getattr(config, "model_type", None))
     arch = cls.arch
     arch.check(config)
@@ -155,7 +190,7 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
     full = full_precision(config)
     layout = arch.layout(config, (full,), full)
     count = layout.routed_experts
-    capacities_bytes = [(frac, layout.bytes_of_fraction(frac)) for frac in CAPACITY_FRACTIONS]
+    capacities_bytes = [(frac, layout.bytes_of_fraction(frac)) for frac in fractions]
     precisions = []
     for fmt in registered_formats():
         if not _stores(fmt, shape):
@@ -163,6 +198,13 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
         one = fmt.nbytes(shape)
         capacities = tuple(Capacity(frac, nbytes, min(nbytes // one, count)) for frac, nbytes in capacities_bytes)
         precisions.append(PrecisionSizes(fmt.name, one, count * one, capacities))
+    model = _meta_model(config)
+    compute = model_shape(config, model)
+    dense = sum(p.numel() for p in model.parameters()) * compute.dtype_bytes  # tied weights count once
+    kv_per_token = 2 * compute.num_layers * compute.kv_dim * compute.dtype_bytes
+    device = tuple(
+        DeviceMemory(frac, nbytes, dense, kv_tokens, kv_tokens * kv_per_token) for frac, nbytes in capacities_bytes
+    )
     return ModelInfo(
         model_type=config.model_type,
         offload_class=cls.__name__,
@@ -176,4 +218,7 @@ def model_info(config: PretrainedConfig) -> ModelInfo:
         stored_precision=stored,
         full_precision=full,
         precisions=tuple(precisions),
+        dense_bytes=dense,
+        kv_bytes_per_token=kv_per_token,
+        device=device,
     )

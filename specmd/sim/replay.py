@@ -100,14 +100,15 @@ def replay(
     *,
     policy: Any = None,
     cache_frac: float | None = None,
-    cache_bytes: int | None = None,
+    cache_bytes: int | str | None = None,
     bandwidth_gbps: float | str | None = "profile",
     link_latency_s: float | None = None,
     hardware: str = DEFAULT_HARDWARE,
     predictor: str | None = None,
     price_as: ExpertLayout | None = None,
 ) -> CacheStats:
-    """Replay `trace` (a `Trace` or a .jsonl/.npz path) with a policy mix and a cache size.
+    """Replay `trace` (a `Trace` or a .jsonl/.npz path) with a policy mix and a cache size (`cache_frac`, or
+    `cache_bytes`: a count, or a size such as "600MB").
 
     `bandwidth_gbps` defaults to the hardware profile's link ("profile"); None means native speed
     (transfers take no emulated time), as for a live model. `predictor` picks whose recorded predictions

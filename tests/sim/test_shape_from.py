@@ -56,6 +56,18 @@ def test_an_expert_bytes_override_prices_the_fraction_too(recorded: Path) -> Non
     assert beyond.capacity_bytes == TOTAL_EXPERT_BYTES and beyond.hit_rate == everything.hit_rate
 
 
+def test_sizes_are_taken_as_people_write_them(recorded: Path) -> None:
+    base = [sys.executable, "-m", "specmd.cli", "replay", str(recorded), "--policy", "none/lru/fetch/standard"]
+    run = subprocess.run([*base, "--expert-bytes", "12.582912MB", "--cache-bytes", "0.5GiB", "--json"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(run.stdout)["stats"]
+    assert stats["capacity_bytes"] == 2**29 and stats["bytes_transferred"] % OLMOE_BF16 == 0
+    assert replay(recorded, policy="none/lru/fetch/standard", cache_bytes="0.5GiB").capacity_bytes == min(
+        2**29, TOTAL_EXPERT_BYTES
+    )
+
+
 def test_the_replay_command_takes_shape_from_and_refuses_two_prices(recorded: Path) -> None:
     base = [sys.executable, "-m", "specmd.cli", "replay", str(recorded), "--cache-frac", "0.05", "--json"]
     run = subprocess.run([*base, "--shape-from", "olmoe-1b-7b"], capture_output=True, text=True, check=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from specmd.cache.sizes import parse_size
 from specmd.sim.trace.events import Trace, TraceError
 from specmd.sim.trace.jsonl import read_jsonl, write_jsonl
 from specmd.sim.trace.npz import read_npz, write_npz
@@ -16,13 +17,13 @@ def load_trace(
     path: str | os.PathLike[str],
     *,
     experts_per_layer: int | None = None,
-    expert_bytes: int | None = None,
+    expert_bytes: int | str | None = None,
     top_k: int | None = None,
 ) -> Trace:
     """Read a trace (.jsonl or .npz); keyword values fill in or override the header's.
 
-    `expert_bytes` prices every expert as that many bytes: it replaces the header's sizes at every
-    precision, full precision included (a cache fraction then counts experts of that size).
+    `expert_bytes` (a count, or a size such as "12.6MB") prices every expert as that many bytes: it replaces the
+    header's sizes at every precision, full precision included (a cache fraction then counts experts of that size).
 
     Everything is checked here, not during a replay: the header and the keyword values (types, ranges,
     bounds), and every row against them. A problem is one `TraceError` naming the file and the line, row or
@@ -33,6 +34,11 @@ def load_trace(
         raise TraceError(f"trace file {source} does not exist")
     if source.suffix not in SUFFIXES:
         raise TraceError(f"cannot read {source}: a trace is a {' or '.join(SUFFIXES)} file")
+    if expert_bytes is not None:
+        try:
+            expert_bytes = parse_size(expert_bytes, "expert_bytes")
+        except ValueError as error:
+            raise TraceError(f"{source}: {error}") from None
     overrides = {"experts_per_layer": experts_per_layer, "top_k": top_k, "expert_bytes": expert_bytes}
     read = read_jsonl if source.suffix == ".jsonl" else read_npz
     meta, events, sha256 = read(source, overrides)
