@@ -29,6 +29,7 @@ from specmd.cache.live.watchdog import Watchdog
 from specmd.cache.manager import CacheManager
 from specmd.cache.stats import CacheStats
 from specmd.offload_models.checkpoint import (
+    HUB_KEYWORDS,
     CheckpointError,
     ExpertCheckpoint,
     ExpertKeyPatterns,
@@ -196,14 +197,10 @@ class OffloadMixin:
         )
         want_info = kwargs.pop("output_loading_info", False)
         kwargs["trust_remote_code"] = kwargs.get("trust_remote_code") is True
-        hub = {k: kwargs.get(k) for k in ("revision", "subfolder", "cache_dir", "token", "local_files_only")}
+        hub = {k: kwargs[k] for k in HUB_KEYWORDS if kwargs.get(k) is not None}
         config = kwargs.pop("config", None)
         if not isinstance(config, PretrainedConfig):
-            config = read_config(
-                pretrained_model_name_or_path,
-                trust_remote_code=kwargs["trust_remote_code"],
-                **{k: v for k, v in hub.items() if v is not None},
-            )
+            config = read_config(pretrained_model_name_or_path, trust_remote_code=kwargs["trust_remote_code"], **hub)
         cls._check_config(config)
         price_as = None
         if options.shape_from is not None:
@@ -211,7 +208,7 @@ class OffloadMixin:
 
             price_as = expert_layout(load_config(options.shape_from))
         experts = ExpertCheckpoint(
-            checkpoint_files(pretrained_model_name_or_path, **hub),
+            checkpoint_files(pretrained_model_name_or_path, variant=kwargs.get("variant"), **hub),
             cls.arch.checkpoint,
             cls.arch.moe_layers(config),
             cls.arch.num_experts(config),
