@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from specmd.offload_models.checkpoint import read_config
+from specmd.offload_models.checkpoint import HUB_KEYWORDS, read_config
 from specmd.offload_models.mixtral import OffloadMixtral
 from specmd.offload_models.olmoe import OffloadOLMoE
 from specmd.offload_models.phi import OffloadPhi
@@ -34,7 +34,7 @@ class AutoOffloadForCausalLM:
 
         The checkpoint's own code runs only with `trust_remote_code=True` (`OffloadMixin.from_pretrained`).
         """
-        hub = {k: kwargs[k] for k in ("revision", "subfolder", "cache_dir", "token") if kwargs.get(k) is not None}
+        hub = {k: kwargs[k] for k in HUB_KEYWORDS if kwargs.get(k) is not None}
         trust = kwargs.get("trust_remote_code")
         config = kwargs.pop("config", None) or read_config(
             pretrained_model_name_or_path, trust_remote_code=trust, **hub

@@ -29,6 +29,7 @@ from specmd.cache.live.watchdog import Watchdog
 from specmd.cache.manager import CacheManager
 from specmd.cache.stats import CacheStats
 from specmd.offload_models.checkpoint import (
+    HUB_KEYWORDS,
     CheckpointError,
     ExpertCheckpoint,
     ExpertKeyPatterns,
@@ -36,6 +37,7 @@ from specmd.offload_models.checkpoint import (
     read_config,
 )
 from specmd.offload_models.experts import OffloadedExperts
+from specmd.offload_models.loading import check_loading_keywords
 from specmd.offload_models.observer import RoutingObserver
 from specmd.offload_models.options import OffloadOptions
 from specmd.offload_models.predictors import DEFAULT_PREDICTOR, make_predictor
@@ -169,8 +171,10 @@ class OffloadMixin:
         """Load a checkpoint with its experts in a cache of `cache_frac` (or `cache_bytes`: a count, or a size such
         as "600MB" or "2GiB").
 
-        Every other keyword goes to transformers' `from_pretrained` (`dtype`, `device_map`, ...). No code of the
-        checkpoint's own runs unless `trust_remote_code=True` is passed (None counts as False: no prompt).
+        Every other keyword goes to transformers' `from_pretrained` (`dtype`, `device_map`, `revision`, ...),
+        except those specmd does not run, which are refused (`loading.check_loading_keywords`): the
+        non-expert weights load whole onto one device. No code of the checkpoint's own runs unless
+        `trust_remote_code=True` is passed (None counts as False: no prompt).
         All settings are checked before anything loads; an error leaves nothing loaded and no thread.
 
         Example::
@@ -195,16 +199,13 @@ class OffloadMixin:
             transfer_timeout_s=transfer_timeout_s,
             progress=progress,
         )
+        check_loading_keywords(kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         kwargs["trust_remote_code"] = kwargs.get("trust_remote_code") is True
-        hub = {k: kwargs.get(k) for k in ("revision", "subfolder", "cache_dir", "token", "local_files_only")}
+        hub = {k: kwargs[k] for k in HUB_KEYWORDS if kwargs.get(k) is not None}
         config = kwargs.pop("config", None)
         if not isinstance(config, PretrainedConfig):
-            config = read_config(
-                pretrained_model_name_or_path,
-                trust_remote_code=kwargs["trust_remote_code"],
-                **{k: v for k, v in hub.items() if v is not None},
-            )
+            config = read_config(pretrained_model_name_or_path, trust_remote_code=kwargs["trust_remote_code"], **hub)
         cls._check_config(config)
         price_as = None
         if options.shape_from is not None:
@@ -212,7 +213,7 @@ class OffloadMixin:
 
             price_as = expert_layout(load_config(options.shape_from))
         experts = ExpertCheckpoint(
-            checkpoint_files(pretrained_model_name_or_path, **hub),
+            checkpoint_files(pretrained_model_name_or_path, variant=kwargs.get("variant"), **hub),
             cls.arch.checkpoint,
             cls.arch.moe_layers(config),
             cls.arch.num_experts(config),
@@ -242,6 +243,13 @@ class OffloadMixin:
                 "Use AutoOffloadForCausalLM to pick the class from the checkpoint."
             )
         cls.arch.check(config)
+        quantized = getattr(config, "quantization_config", None)
+        if quantized is not None:
+            method = quantized.get("quant_method") if isinstance(quantized, dict) else type(quantized).__name__
+            raise ValueError(
+                f"this checkpoint is quantized ({method}); specmd loads unquantized checkpoints and quantizes "
+                "the experts itself: pass expert_precisions, e.g. ('int8',) or ('nf4',), with the original checkpoint"
+            )
         if not cls.arch.moe_layers(config):
             raise ValueError(f"this {model_type} checkpoint has no MoE layers: there are no experts to offload")
 
@@ -250,7 +258,7 @@ class OffloadMixin:
     ) -> None:
         config, arch = self.config, self.arch
         devices = {p.device for p in self.parameters()}
-        if len(devices) != 1:
+        if len(devices) != 1 or "meta" in {d.type for d in devices}:  # device_map was checked; this is a guard
             raise ValueError(
                 f"specmd needs the non-expert weights on one device, got {sorted(map(str, devices))}; "
                 "pass device_map={'': device}"

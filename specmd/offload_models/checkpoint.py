@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# from_pretrained's keywords that say where a hub checkpoint's files are; specmd reads its config and experts so too
+HUB_KEYWORDS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "proxies")
 
 
 class CheckpointError(ValueError):
@@ -103,26 +105,40 @@ BLOCK_SPARSE_EXPERT_KEYS = ExpertKeyPatterns(  # Mixtral, PhiMoE: w1 = gate, w3 
 )
 
 
-def checkpoint_files(path: str | os.PathLike[str], **hub_kwargs: object) -> list[Path]:
-    """The safetensors files of a local checkpoint directory or a hub id (resolved through the HF cache)."""
-    root = Path(path)
-    if root.is_dir():
-        index = root / INDEX_FILE
-        if index.is_file():
-            return [root / name for name in _shards(index)]
-        if (root / SINGLE_FILE).is_file():
-            return [root / SINGLE_FILE]
-        raise CheckpointError(f"{root} holds no {SINGLE_FILE} or {INDEX_FILE}; specmd reads safetensors checkpoints")
+def checkpoint_files(
+    path: str | os.PathLike[str], *, subfolder: str | None = None, variant: str | None = None, **hub_kwargs: object
+) -> list[Path]:
+    """The safetensors files of a local checkpoint directory or a hub id (resolved through the HF cache).
+
+    Found as transformers finds them: in `subfolder`, named for `variant` (`model.<variant>.safetensors`), a
+    single file before an index; `hub_kwargs` (`revision`, `cache_dir`, ...) go to the HF cache lookup.
+    """
+    single, index = _with_variant(SINGLE_FILE, variant), _with_variant(INDEX_FILE, variant)
+    if Path(path).is_dir():
+        root = Path(path) / (subfolder or "")
+        if (root / single).is_file():
+            return [root / single]
+        if (root / index).is_file():
+            return [root / name for name in _shards(root / index)]
+        raise CheckpointError(f"{root} holds no {single} or {index}; specmd reads safetensors checkpoints")
     from transformers.utils import cached_file
 
-    kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    index_path = cached_file(str(path), INDEX_FILE, _raise_exceptions_for_missing_entries=False, **kwargs)
-    if index_path is not None:
-        return [Path(cached_file(str(path), name, **kwargs)) for name in _shards(Path(index_path))]
-    single = cached_file(str(path), SINGLE_FILE, _raise_exceptions_for_missing_entries=False, **kwargs)
-    if single is None:
-        raise CheckpointError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}; specmd reads safetensors checkpoints")
-    return [Path(single)]
+    kwargs = {k: v for k, v in hub_kwargs.items() if v is not None} | {"subfolder": subfolder or ""}
+    single_path = cached_file(str(path), single, _raise_exceptions_for_missing_entries=False, **kwargs)
+    if single_path is not None:
+        return [Path(single_path)]
+    index_path = cached_file(str(path), index, _raise_exceptions_for_missing_entries=False, **kwargs)
+    if index_path is None:
+        raise CheckpointError(f"{path} has no {single} or {index}; specmd reads safetensors checkpoints")
+    return [Path(cached_file(str(path), name, **kwargs)) for name in _shards(Path(index_path))]
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    """`model.safetensors` as transformers names it for `variant`: `model.<variant>.safetensors`."""
+    if variant is None:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
 
 
 def _shards(index: Path) -> list[str]:
