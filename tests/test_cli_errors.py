@@ -3,6 +3,7 @@ raises with its traceback."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from specmd import cli
@@ -214,3 +216,31 @@ def test_ctrl_c_is_exit_130_without_a_traceback(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(cli, "err", errors)
     assert cli.main(["policies"]) == 130
     assert errors.export_text() == "interrupted\n"
+
+
+MODEL_COMMANDS = ("demo", "generate", "trace", "routing-stats", "eval", "reproduce")
+
+
+def test_every_model_loading_command_takes_device_and_dtype() -> None:
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in MODEL_COMMANDS:
+        flags = {flag for action in commands.choices[name]._actions for flag in action.option_strings}
+        assert "--device" in flags, name
+        if name != "reproduce":  # reproduce loads the model as saved
+            assert "--dtype" in flags, name
+
+
+@pytest.mark.parametrize(
+    "command", [["demo"], ["generate", "default", "--prompt", "x"], ["routing-stats", "default", "--text", "t.txt"]]
+)
+def test_a_device_torch_cannot_name_is_refused(
+    monkeypatch: pytest.MonkeyPatch, no_model: None, command: list[str]
+) -> None:
+    code, shown = run_cli(monkeypatch, *command, "--device", "gpu0")
+    assert_one_line(code, shown, "argument --device: must be cpu, cuda or cuda:N, got 'gpu0'")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_line_before_anything_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    code, shown = run_cli(monkeypatch, "generate", "default", "--prompt", "x", "--device", "cuda")
+    assert_one_line(code, shown, "cuda", "device_map='cpu'")

@@ -24,7 +24,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )  # fmt: skip
     options.add_policy(evaluate)
     options.add_offload_options(evaluate, bandwidth=5.0)
-    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     evaluate.add_argument("--batch-size", type=options.positive_int, default=1, help="requests per batch (1)")
     evaluate.add_argument("--limit", type=options.positive_float, help="documents per task (a fraction if below 1)")
     evaluate.add_argument(

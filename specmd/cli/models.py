@@ -117,6 +117,7 @@ def _add_routing_stats(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--max-tokens", type=options.integer(2), default=8192, help="use at most this many tokens of the text"
     )
     options.add_dtype(routing, "model dtype (auto: as saved)")
+    options.add_device(routing)
     options.add_output(routing)
     routing.set_defaults(func=cmd_routing_stats)
 
@@ -135,8 +136,9 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
         raise ValueError(f"--text {args.text} has fewer than 2 tokens")
     config = read_config(path)
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=options.torch_dtype(args.dtype), trust_remote_code=False
-    ).eval()
+        path, config=config, dtype=options.torch_dtype(args.dtype), device_map={"": options.device(args)},
+        trust_remote_code=False,
+    ).eval()  # fmt: skip
     stats = routing_stats(model, sequences)
     output.emit(args, {"model": args.model, "text": args.text, "window": args.window} | stats.to_dict())
     if not args.json:

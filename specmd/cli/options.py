@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,29 @@ def model_path(name: str) -> str:
 
         return str(default_model_path())
     return name
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device a model runs on, as transformers names it: cpu, cuda or cuda:N."""
+    if text == "cpu" or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", type=device_name, help="cpu, cuda or cuda:N: where the model and its expert cache live "
+        "(default: cuda when available, else cpu)",
+    )  # fmt: skip
+
+
+def device(args: argparse.Namespace) -> str:
+    """--device, or cuda when torch sees a GPU, else cpu."""
+    if args.device:
+        return str(args.device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_dtype(parser: argparse.ArgumentParser, text: str = "model and expert dtype (auto: as saved)") -> None:
@@ -257,6 +281,7 @@ def add_offload_options(
     add_link(parser, bandwidth)
     add_hardware(parser, default=hardware)
     add_shape_from(parser, routing="the model's", default=shape_from)
+    add_device(parser)
     add_dtype(parser)
     parser.add_argument(
         "--precisions",
@@ -278,6 +303,7 @@ def load_model(args: argparse.Namespace, policy: str) -> Any:
         shape_from=args.shape_from or None,
         expert_precisions=tuple(args.precisions.split(",")) if args.precisions else None,
         dtype=torch_dtype(args.dtype),
+        device_map={"": device(args)},
         progress=not args.json,
     )
 
@@ -316,7 +342,10 @@ def continuations(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_to
     texts = []
     for inputs in prompts:
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **inputs.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
         texts.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     return texts

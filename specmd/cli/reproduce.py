@@ -47,20 +47,23 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     reproduce.add_argument("--no-live", action="store_true", help="skip the configurations a trace cannot replay")
     reproduce.add_argument("--no-quality", action="store_true", help="skip the miss policies' quality/speed plane")
     options.add_jobs(reproduce, "replay processes (default: one per core)")
+    options.add_device(reproduce)
     options.add_json(reproduce, "print the verdicts as JSON")
     reproduce.set_defaults(func=cmd_reproduce)
 
 
-def _record(model_path: str, prompts: list[str], max_new_tokens: int, out: Path) -> Path:
+def _record(args: argparse.Namespace, model_path: str, prompts: list[str], out: Path) -> Path:
     from specmd.offload_models.auto import AutoOffloadForCausalLM
     from specmd.sim.record import TraceRecorder
 
     tokenizer = options.load_tokenizer(model_path)
     encoded = options.encode_prompts(tokenizer, prompts)
-    with AutoOffloadForCausalLM.from_pretrained(model_path, cache_frac=1.0, progress=False) as model:
+    with AutoOffloadForCausalLM.from_pretrained(
+        model_path, cache_frac=1.0, device_map={"": options.device(args)}, progress=False
+    ) as model:
         recorder = TraceRecorder(model.trace_meta())
         with model.observe_routing(recorder):
-            options.continuations(model, tokenizer, encoded, max_new_tokens)
+            options.continuations(model, tokenizer, encoded, args.max_new_tokens)
     return recorder.trace().save(out / "trace.npz")
 
 
@@ -74,7 +77,7 @@ def _live(args: argparse.Namespace, model_path: str, prompts: list[str]) -> dict
     for name in LIVE_CONFIGS:
         with AutoOffloadForCausalLM.from_pretrained(
             model_path, cache_frac=0.05, policy=name, bandwidth_gbps="profile", hardware=args.hardware,
-            shape_from=args.shape_from or None, progress=False,
+            shape_from=args.shape_from or None, device_map={"": options.device(args)}, progress=False,
         ) as model:  # fmt: skip
             options.continuations(model, tokenizer, encoded, args.max_new_tokens)
             stats[name] = model.cache_stats()
@@ -88,7 +91,7 @@ def _quality(args: argparse.Namespace, model_path: str) -> list[Any]:
     ids = tokenizer(QUALITY_TEXT.read_text(), return_tensors="pt")["input_ids"][:, : 4 * 256].reshape(4, 256)
     plane = miss_policy_plane(
         model_path, ids, cache_frac=0.05, bandwidth_gbps="profile", hardware=args.hardware,
-        shape_from=args.shape_from or None, progress=False,
+        shape_from=args.shape_from or None, device_map={"": options.device(args)}, progress=False,
     )  # fmt: skip
     return [point for point, _ in plane]
 
@@ -107,7 +110,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         paths = [Path(t) for t in args.traces]
     else:
         say(f"recording {len(prompts)} prompts x {args.max_new_tokens} tokens of {args.model or 'the bundled model'}")
-        paths = [_record(model, prompts, args.max_new_tokens, out)]  # type: ignore[arg-type]
+        paths = [_record(args, model, prompts, out)]  # type: ignore[arg-type]
     trace = Trace.concat([load_trace(path) for path in paths])
     setting = Setting(
         capacities=tuple(args.capacities), hardware=args.hardware, links=tuple(args.links),

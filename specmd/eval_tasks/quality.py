@@ -104,6 +104,8 @@ def perplexity(
         input_ids, attention_mask = encoded["input_ids"], encoded.get("attention_mask")
     else:
         input_ids = text_or_ids
+    input_ids = input_ids.to(model.device)
+    attention_mask = None if attention_mask is None else attention_mask.to(model.device)
     if input_ids.shape[1] < 2:
         raise ValueError("perplexity needs at least two tokens")
     logits = _logits(model, input_ids, attention_mask)[:, :-1]  # [B, S-1, V]: predictions of tokens 1..S-1

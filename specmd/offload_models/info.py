@@ -8,6 +8,7 @@ qwen1.5-moe-a2.7b, phi-3.5-moe), so they can be named without a download.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -138,6 +139,8 @@ def full_precision(config: PretrainedConfig) -> str:
 def _meta_model(config: PretrainedConfig) -> Any:
     """The offloaded model of `config` on the meta device: built without memory or weights (no routed experts)."""
     cls = AutoOffloadForCausalLM.class_for(getattr(config, "model_type", None))
+    config = copy.deepcopy(config)
+    config._experts_implementation = None  # a stock choice (e.g. eager, for comparisons) that specmd's experts replace
     with torch.device("meta"):
         return cls(config)
 
