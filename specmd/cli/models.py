@@ -138,6 +138,7 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
 
 def _add_policies(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     policies = commands.add_parser("policies", help="list every policy name with a one-line description")
+    options.add_plugins(policies)
     options.add_output(policies)
     policies.set_defaults(func=cmd_policies)
 

@@ -36,6 +36,7 @@ from specmd import __version__
 from specmd.cache import config as cache_config
 from specmd.cache.hardware import DEFAULT_HARDWARE
 from specmd.cache.layout import ExpertLayout
+from specmd.cache.policies.plugins import load_plugin, loaded_plugins
 from specmd.cache.policies.spec import PolicySpec
 from specmd.cache.stats import CacheStats
 from specmd.sim.replay import run_trace
@@ -56,6 +57,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {"cache_frac": float} | {
     name: _NUMBERS.get(kind, json.loads) for name, kind in get_type_hints(CacheStats).items() if name in STAT_COLUMNS
 }
 log = logging.getLogger(__name__)
+# Forked workers inherit the loaded traces; elsewhere (spawn) each worker loads them itself.
+START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -391,9 +394,12 @@ def sweep(
     return new_rows
 
 
-def _ignore_sigint() -> None:
-    """A worker leaves Ctrl-C to the parent, which stops it (a terminal sends it to the whole group)."""
+def _start_worker(plugins: Sequence[str]) -> None:
+    """A worker imports the policy plugins the parent loaded (`--plugin`), and leaves Ctrl-C to the parent, which
+    stops it (a terminal sends it to the whole group)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for module in plugins:
+        load_plugin(module)
 
 
 def _execute(runs: Sequence[Run], jobs: int | None, shapes: Mapping[str, ExpertLayout]) -> Iterator[dict[str, Any]]:
@@ -404,8 +410,12 @@ def _execute(runs: Sequence[Run], jobs: int | None, shapes: Mapping[str, ExpertL
         for run in runs:
             yield run_one(run, shapes.get(run.shape_from))
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context(START_METHOD),
+        initializer=_start_worker,
+        initargs=(loaded_plugins(),),
+    )
     try:
         futures = [pool.submit(run_one, run, shapes.get(run.shape_from)) for run in runs]
         for future in as_completed(futures):

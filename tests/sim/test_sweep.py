@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from specmd import __version__
+from specmd.cache.policies.plugins import load_plugin
 from specmd.sim import load_trace
+from specmd.sim import sweep as sweep_module
 from specmd.sim.report import report
 from specmd.sim.sweep import SweepGrid, read_results, sweep
+from tests.plugins import MIX, MODULE, POLICY, write_plugin
 
 POLICIES = ("none/lru/fetch/standard", "topk/least-stale/fetch/standard")
 
@@ -166,3 +169,14 @@ def test_gap_closed_needs_both_floors_and_a_positive_gap() -> None:
     assert gap_closed(row("next-use", 0.5), 0.3, 0.3) is None  # Belady not above the floor
     assert gap_closed(row("next-use", 0.5), None, 0.3) is None
     assert gap_closed(row("next-use", 0.5), 0.7, None) is None
+
+
+@pytest.mark.usefixtures("fresh_plugins")
+def test_workers_import_the_plugins_the_parent_loaded(
+    recorded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(write_plugin(tmp_path / "plugin")))
+    load_plugin(MODULE)
+    monkeypatch.setattr(sweep_module, "START_METHOD", "spawn")  # fresh workers: nothing inherited from the parent
+    rows = sweep(grid(recorded, policies=(MIX,), bandwidths=(5.0,)), tmp_path / "r.csv", jobs=2, progress=False)
+    assert sorted(row["eviction"] for row in rows) == ["belady", "belady", "lru", POLICY, POLICY]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from specmd.cache.policies.base import EvictionPolicy, MissPolicy, PrefetchPolicy, RoutingPolicy
+from specmd.cache.policies.plugins import load_entry_points
 from specmd.quant.names import canonical_precision
 
 KINDS = ("prefetch", "eviction", "miss", "routing")
@@ -115,7 +116,9 @@ def names(kind: str) -> list[str]:
 
 
 def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
-    """(kind, name, aliases, one-line description) of every registered policy and named configuration."""
+    """(kind, name, aliases, one-line description) of every registered policy (plugins' included: the entry-point
+    group is loaded first) and named configuration."""
+    load_entry_points()
     rows = []
     for kind in KINDS:
         for name, cls in _REGISTRY[kind].items():
@@ -130,12 +133,17 @@ def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
 
 
 def canonical_name(kind: str, name: str) -> str:
-    """Resolve an alias; a name that is not registered is a ValueError listing the valid ones."""
+    """Resolve an alias; a name that is not registered is a ValueError listing the valid ones.
+
+    A name not found loads the plugins of the ``specmd.policies`` entry-point group (once), then looks again.
+    """
     if kind not in _REGISTRY:
         raise ValueError(f"unknown policy kind {kind!r}; the kinds are {', '.join(KINDS)}")
     if not isinstance(name, str):
         raise ValueError(f"a {kind} policy name must be a string, got {name!r}")
     key = name.strip().lower()
+    if key not in _REGISTRY[kind] and key not in _ALIASES[kind]:
+        load_entry_points()  # perhaps a plugin's policy
     if key in _REGISTRY[kind]:
         return key
     if key in _ALIASES[kind]:
