@@ -1,8 +1,10 @@
 """Policies from other packages on the command line: a pip-installed plugin's policies are names every command
-knows, `--plugin MODULE` loads one that is not installed (in a sweep's workers too)."""
+knows, `--plugin MODULE` loads one that is not installed (in a sweep's workers too), and `specmd policies` shows
+each policy's description and parameters."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from specmd import cli
 from specmd.sim.sweep import read_results
@@ -89,3 +92,23 @@ def test_every_command_that_takes_a_policy_takes_plugins() -> None:
         *takes,
         "policies",
     }
+
+
+def test_policies_shows_whole_descriptions_and_parameters(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    console = Console(width=1000, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli, "out", console)
+    assert cli.main(["policies"]) == 0
+    text = console.export_text()
+    for shown in ("fallback=(int8,nf4,hqq2)", "thresholds=(0.2,0.1)", "order=cyclic", "rate=0.1"):
+        assert shown in text
+    assert "predicted probability mass (softmax of the predicted logits), at most `cap` x top-k of them." in text
+    assert cli.main(["policies", "--json"]) == 0
+    rows = {(p["kind"], p["name"]): p for p in json.loads(capsys.readouterr().out)["policies"]}
+    assert rows[("miss", "drop")]["description"] == (
+        "Skip a missing expert whose best rank in its tokens' top-k is `rank` or worse (1 = first choice; "
+        "default 3); better-ranked experts are fetched. A dropped expert contributes nothing to its tokens."
+    )
+    assert rows[("miss", "fetch-priority")]["parameters"] == {"percentile": 60.0, "fallback": ["int8", "nf4", "hqq2"]}
+    assert rows[("eviction", "lru")]["parameters"] == {} and rows[("config", "config3")]["parameters"] == {}

@@ -11,7 +11,7 @@ import pytest
 
 from specmd.cache.policies import PolicySpec, catalog
 from specmd.cache.policies.plugins import PluginError, load_entry_points, load_plugin, loaded_plugins
-from specmd.cache.policies.spec import _REGISTRY
+from specmd.cache.policies.spec import _REGISTRY, parameters
 from tests.plugins import MIX, MODULE, POLICY, write_plugin
 
 pytestmark = pytest.mark.usefixtures("fresh_plugins")
@@ -28,8 +28,9 @@ def test_an_installed_plugin_loads_when_its_policy_is_named(tmp_path: Path, monk
 
 def test_listing_policies_loads_installed_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(write_plugin(tmp_path, entry_point=True)))
-    rows = {(kind, name): aliases for kind, name, aliases, _ in catalog()}
-    assert rows[("eviction", POLICY)] == ("pmru",)
+    rows = {(kind, name): (aliases, text) for kind, name, aliases, text in catalog()}
+    assert rows[("eviction", POLICY)] == (("pmru",), "Most recently used: evicts the expert requested or loaded last.")
+    assert parameters("eviction", "pmru") == {"spare": 0}
 
 
 def test_a_module_loads_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

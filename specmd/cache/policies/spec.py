@@ -115,20 +115,32 @@ def names(kind: str) -> list[str]:
     return listed
 
 
+def description(cls: type) -> str:
+    """The first paragraph of `cls`'s docstring, as one line."""
+    paragraph = (inspect.getdoc(cls) or "").split("\n\n")[0]
+    return " ".join(paragraph.split())
+
+
+def parameters(kind: str, name: str) -> dict[str, Any]:
+    """The parameters of the `kind` policy `name` (or an alias) with their defaults (`inspect.Parameter.empty`
+    for one without)."""
+    cls = _REGISTRY[kind][canonical_name(kind, name)]
+    return {p.name: p.default for p in inspect.signature(cls).parameters.values() if p.name != "self"}
+
+
 def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
-    """(kind, name, aliases, one-line description) of every registered policy (plugins' included: the entry-point
-    group is loaded first) and named configuration."""
+    """(kind, name, aliases, description) of every registered policy (plugins' included: the entry-point group is
+    loaded first) and named configuration; a policy's description is its docstring's first paragraph."""
     load_entry_points()
     rows = []
     for kind in KINDS:
         for name, cls in _REGISTRY[kind].items():
             aliases = tuple(a for a, target in _ALIASES[kind].items() if target == name)
-            doc = (inspect.getdoc(cls) or "").splitlines()
-            rows.append((kind, name, aliases, doc[0] if doc else ""))
-    for name, (mix, description) in NAMED_MIXES.items():
+            rows.append((kind, name, aliases, description(cls)))
+    for name, (mix, text) in NAMED_MIXES.items():
         systems = [system for system, config in SYSTEM_NAMES.items() if config == name]
         listed = tuple(label + suffix for label in (name, *systems) for suffix in ("", LEAST_STALE_SUFFIX))[1:]
-        rows.append(("config", name, listed, f"{mix}: {description}"))
+        rows.append(("config", name, listed, f"{mix}: {text}"))
     return rows
 
 
