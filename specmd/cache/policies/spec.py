@@ -144,6 +144,14 @@ def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
     return rows
 
 
+def configuration_names(mix: str) -> list[str]:
+    """The configuration names that stand for the mix `mix` (as `str(PolicySpec)` writes it), e.g. config3 and
+    hobbit24 for 'lookahead/lhu/cascade/standard'."""
+    labels = [*NAMED_MIXES, *SYSTEM_NAMES]
+    labels += [label + LEAST_STALE_SUFFIX for label in labels]
+    return [label for label in labels if str(PolicySpec.parse(label)) == mix]
+
+
 def canonical_name(kind: str, name: str) -> str:
     """Resolve an alias; a name that is not registered is a ValueError listing the valid ones.
 
