@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from specmd.cache.policies.base import EvictionPolicy, MissPolicy, PrefetchPolicy, RoutingPolicy
@@ -115,9 +117,25 @@ def names(kind: str) -> list[str]:
     return listed
 
 
+def _docstring(cls: type) -> str:
+    """`cls`'s docstring; a class compiled with mypyc keeps none, so its module's source file gives it."""
+    doc = inspect.getdoc(cls)
+    if doc:
+        return doc
+    compiled = Path(getattr(sys.modules.get(cls.__module__), "__file__", None) or "")
+    try:  # miss.cpython-311-x86_64-linux-gnu.so was built from miss.py, beside it
+        tree = ast.parse(compiled.with_name(compiled.name.split(".")[0] + ".py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
+            return ast.get_docstring(node) or ""
+    return ""
+
+
 def description(cls: type) -> str:
     """The first paragraph of `cls`'s docstring, as one line."""
-    paragraph = (inspect.getdoc(cls) or "").split("\n\n")[0]
+    paragraph = _docstring(cls).split("\n\n")[0]
     return " ".join(paragraph.split())
 
 
