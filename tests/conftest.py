@@ -73,3 +73,24 @@ def no_leaked_watchdogs():
     for thread in alive:
         thread.join(timeout=5)
     assert not [t for t in alive if t.is_alive()], "a specmd watchdog thread outlived its test"
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch: pytest.MonkeyPatch):
+    """Policy plugins a test loads are forgotten after it: their policies, their modules (named specmd_test_*),
+    and which plugins this process loaded."""
+    import sys
+
+    from specmd.cache.policies import plugins, spec
+
+    saved = {kind: (dict(spec._REGISTRY[kind]), dict(spec._ALIASES[kind])) for kind in spec.KINDS}
+    monkeypatch.setattr(plugins, "_loaded", [])
+    monkeypatch.setattr(plugins, "_entry_points_loaded", False)
+    yield
+    for kind, (names, aliases) in saved.items():
+        spec._REGISTRY[kind].clear()
+        spec._REGISTRY[kind].update(names)
+        spec._ALIASES[kind].clear()
+        spec._ALIASES[kind].update(aliases)
+    for name in [name for name in sys.modules if name.startswith("specmd_test_")]:
+        del sys.modules[name]

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from specmd.cli import evaluate, models, reproduce, research, run
-from specmd.cli.options import Parser, UsageError
+from specmd.cli.options import Parser, UsageError, load_plugins
 from specmd.cli.options import load_model as _load  # noqa: F401  (cli._load: a model as the commands load it)
 
 # Every command prints through these two, looked up here at each print: replacing them here redirects all output.
@@ -39,16 +39,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv  # the command line, for a command to show how to run it again
+        load_plugins(args)
         return args.func(args)
     except (UsageError, ValueError, OSError) as exc:
         return _user_error(exc)
     except KeyboardInterrupt:  # Ctrl-C: no traceback (a sweep says how to resume itself)
         err.print("interrupted", style="red", highlight=False)
         return 130
-    except ImportError as exc:  # a precision whose optional library is missing: the message names the extra
+    except ImportError as exc:  # a precision's missing optional library (the message names the extra), a plugin
+        from specmd.cache.policies.plugins import PluginError
         from specmd.quant.formats import MissingBackendError
 
-        if not isinstance(exc, MissingBackendError):
+        if not isinstance(exc, MissingBackendError | PluginError):
             raise
         return _user_error(exc)
 

@@ -163,27 +163,56 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
 
 
 def _add_policies(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    policies = commands.add_parser("policies", help="list every policy name with a one-line description")
+    policies = commands.add_parser(
+        "policies", help="list every policy and named configuration: aliases, parameters and what it does"
+    )
+    options.add_plugins(policies)
     options.add_output(policies)
     policies.set_defaults(func=cmd_policies)
 
 
-def cmd_policies(args: argparse.Namespace) -> int:
-    from specmd.cache.policies import DEFAULT_POLICY, catalog
+def _value(value: object) -> str:
+    """A parameter's default as a mix's text writes it: (0.2,0.1), (int8,nf4,hqq2), cyclic, 1.5."""
+    if isinstance(value, tuple | list):
+        return "(" + ",".join(_value(v) for v in value) + ")"
+    return str(value)
 
-    rows = catalog()
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from inspect import Parameter
+
+    from specmd.cache.policies import DEFAULT_POLICY, catalog
+    from specmd.cache.policies.spec import parameters
+
+    rows = [(*row, parameters(row[0], row[1]) if row[0] != "config" else {}) for row in catalog()]
     output.emit(
         args,
         {
             "default": DEFAULT_POLICY,
-            "policies": [{"kind": k, "name": n, "aliases": list(a), "description": d} for k, n, a, d in rows],
+            "policies": [
+                {
+                    "kind": k,
+                    "name": n,
+                    "aliases": list(a),
+                    "description": d,
+                    "parameters": {name: None if v is Parameter.empty else v for name, v in p.items()},
+                }
+                for k, n, a, d, p in rows
+            ],
         },
     )
     if not args.json:
         table = Table(title=f"policies (default: {DEFAULT_POLICY})")
-        for column in ("kind", "name", "aliases", "description"):
-            table.add_column(column)
-        for kind, name, aliases, description in rows:
-            table.add_row(kind, name, ", ".join(aliases), description)
+        for column in ("kind", "name", "aliases", "parameters (defaults)", "description"):
+            table.add_column(column, overflow="fold")
+        for kind, name, aliases, description, params in rows:
+            listed = [name if v is Parameter.empty else f"{name}={_value(v)}" for name, v in params.items()]
+            table.add_row(kind, name, ", ".join(aliases), "\n".join(listed), description)
         cli.out.print(table)
+        cli.out.print(
+            "A mix is prefetch/eviction/miss/routing; parameters follow a name after ':', e.g. "
+            "topk:overfetch=1.5/least-stale/fetch/standard.",
+            style="dim",
+            highlight=False,
+        )
     return 0

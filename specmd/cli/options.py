@@ -162,13 +162,35 @@ def torch_dtype(name: str) -> Any:
 
 
 def add_policy(parser: argparse.ArgumentParser, text: str = POLICY_HELP, *, many: bool = False) -> None:
-    """--policy: one policy mix (default: the library's), or with `many` a list built by repeating it."""
+    """--policy: one policy mix (default: the library's), or with `many` a list built by repeating it; and
+    --plugin, for policies of other modules."""
+    add_plugins(parser)
     if many:
         parser.add_argument("--policy", action="append", help=text)
         return
     from specmd.cache.policies import DEFAULT_POLICY
 
     parser.add_argument("--policy", default=DEFAULT_POLICY, help=text)
+
+
+def add_plugins(parser: argparse.ArgumentParser) -> None:
+    """--plugin MODULE, repeatable: modules `main` imports before the command runs (`load_plugins`)."""
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first, whose import registers policies (repeat for several; installed plugins "
+        "of the 'specmd.policies' entry-point group load on their own)",
+    )
+
+
+def load_plugins(args: argparse.Namespace) -> None:
+    """Import the --plugin modules of a parsed command line (a command without the option has none)."""
+    from specmd.cache.policies.plugins import load_plugin
+
+    for module in getattr(args, "plugin", None) or ():
+        load_plugin(module)
 
 
 # ---- the cache, the link and the hardware ------------------------------------------------------

@@ -16,7 +16,7 @@ from specmd.cache.hardware import DEFAULT_HARDWARE
 from specmd.cache.layout import ExpertLayout
 from specmd.cache.manager import NEXT_LAYER, CacheManager
 from specmd.cache.policies.base import Future
-from specmd.cache.policies.spec import KINDS
+from specmd.cache.policies.spec import KINDS, Policies
 from specmd.cache.stats import CacheStats
 from specmd.sim.trace import Trace, TraceError, load_trace
 
@@ -46,25 +46,41 @@ def replay_predictor(trace: Trace, config: CacheConfig) -> str:
     return predictor
 
 
-def build_replay(trace: Trace, config: CacheConfig, price_as: ExpertLayout | None = None) -> tuple[CacheManager, str]:
-    """A fresh manager sized and configured for replaying `trace` under `config` (its experts and compute priced
-    as `price_as`'s model when given), and the predictor it replays."""
+def check_replay(
+    trace: Trace, config: CacheConfig, price_as: ExpertLayout | None = None
+) -> tuple[ExpertLayout, str, Policies]:
+    """Refuse a replay of `trace` under `config` that cannot run, before it starts: a cache under one expert, a
+    mix that changes routing or looks further ahead than the trace records (those run live only). The layout the
+    replay prices (as `price_as`'s model when given), the predictor it replays, and the mix's policy objects."""
     layout = trace.layout if price_as is None else trace.layout.priced_like(price_as)
     predictor = replay_predictor(trace, config)
     spec, policies = config.policy, config.policy.build()
     if not policies.routing.neutral:
-        raise ValueError(f"routing policy {spec.routing.name!r} changes routing; a trace replays fixed routing")
+        raise ValueError(
+            f"routing policy {spec.routing.name!r} changes routing, and a trace replays the routing it recorded: "
+            "the mix runs live only, on a model (specmd generate, specmd eval; specmd reproduce runs the paper's "
+            "config4 live)"
+        )
     prefetch = policies.prefetch
     if prefetch.needs_logits and predictor == NEXT_LAYER and prefetch.depth > 1:
         raise TraceError(
             f"prefetch policy {spec.prefetch.name!r} looks {prefetch.depth} layers ahead, but a trace records "
-            "predictions one layer ahead ('next_logits'); replay it with depth=1"
+            "predictions one layer ahead ('next_logits'): replay it with depth=1, or run the mix live, on a model "
+            "(specmd generate, specmd eval; specmd reproduce runs the paper's config3 live)"
         )
     if prefetch.needs_logits and predictor == NEXT_LAYER and not trace.has_next_logits:
         raise TraceError(
             f"prefetch policy {spec.prefetch.name!r} predicts from the next layer's router logits, which "
             f"{trace.source} does not record ('next_logits'); 'none' and 'oracle' prefetch replay without them"
         )
+    config.capacity_bytes(layout)
+    return layout, predictor, policies
+
+
+def build_replay(trace: Trace, config: CacheConfig, price_as: ExpertLayout | None = None) -> tuple[CacheManager, str]:
+    """A fresh manager sized and configured for replaying `trace` under `config` (its experts and compute priced
+    as `price_as`'s model when given), and the predictor it replays."""
+    layout, predictor, policies = check_replay(trace, config, price_as)
     clairvoyant = any(getattr(getattr(policies, kind), "needs_future", False) for kind in KINDS)
     manager = build_manager(
         layout,

@@ -2,7 +2,9 @@
 
 Runs go to a CSV file as they finish; running the same sweep again skips rows already there, so an
 interrupted sweep resumes. Every sweep adds the baselines: Belady (offline-optimal eviction, no
-prefetch) at each setting, and an unbounded cache (cache_frac=1.0) per trace, link and hardware.
+prefetch) at each setting, and an unbounded cache (cache_frac=1.0) per trace, link and hardware. Every run
+is checked before any starts: a mix the trace cannot replay (config3's lookahead and config4's cache-aware
+routing run live only) or a cache under one expert is refused, and nothing is written.
 
 Each row lands whole: one write of one complete line, then fsync, with Ctrl-C held off meanwhile, so a
 crash (kill -9, a full disk) can tear only the row being written. Reading finds such a torn last row (no
@@ -36,9 +38,10 @@ from specmd import __version__
 from specmd.cache import config as cache_config
 from specmd.cache.hardware import DEFAULT_HARDWARE
 from specmd.cache.layout import ExpertLayout
-from specmd.cache.policies.spec import PolicySpec
+from specmd.cache.policies.plugins import load_plugin, loaded_plugins
+from specmd.cache.policies.spec import PolicySpec, configuration_names
 from specmd.cache.stats import CacheStats
-from specmd.sim.replay import run_trace
+from specmd.sim.replay import check_replay, run_trace
 from specmd.sim.trace import Trace, load_trace
 
 BELADY = "none/belady/fetch/standard"
@@ -56,6 +59,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {"cache_frac": float} | {
     name: _NUMBERS.get(kind, json.loads) for name, kind in get_type_hints(CacheStats).items() if name in STAT_COLUMNS
 }
 log = logging.getLogger(__name__)
+# Forked workers inherit the loaded traces; elsewhere (spawn) each worker loads them itself.
+START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -373,6 +378,7 @@ def sweep(
                  "shape_from": run.shape_from}  # fmt: skip
         if _row_key(probe) not in done:
             todo.append(run)
+    _refuse_unreplayable(todo, shapes)
     new_rows: list[dict[str, Any]] = []
     results = _ResultsFile(target)
     bar = tqdm(total=len(todo), desc="specmd sweep", unit="run", disable=not progress)
@@ -391,9 +397,32 @@ def sweep(
     return new_rows
 
 
-def _ignore_sigint() -> None:
-    """A worker leaves Ctrl-C to the parent, which stops it (a terminal sends it to the whole group)."""
+def _refuse_unreplayable(runs: Sequence[Run], shapes: Mapping[str, ExpertLayout]) -> None:
+    """Refuse, before any run starts, a sweep with a run that cannot replay: a mix that runs live only (cache-aware
+    routing, prefetch further ahead than the trace records: config3 and config4), a cache under one expert, ...
+
+    Each mix is checked once per trace and shape, at its smallest capacity (the one a too-small cache fails at).
+    """
+    smallest: dict[tuple[str, str, str], float] = {}
+    for run in runs:
+        key = (run.trace, run.policy, run.shape_from)
+        smallest[key] = min(smallest.get(key, run.cache_frac), run.cache_frac)
+    for (path, policy, shape), frac in smallest.items():
+        try:
+            config = cache_config.CacheConfig(cache_frac=frac, policy=PolicySpec.parse(policy))
+            check_replay(_trace(path), config, shapes.get(shape))
+        except ValueError as exc:
+            names = configuration_names(policy)
+            label = f"{policy} ({', '.join(names)})" if names else policy
+            raise ValueError(f"the sweep cannot replay {label} on {path}, so no run started: {exc}") from None
+
+
+def _start_worker(plugins: Sequence[str]) -> None:
+    """A worker imports the policy plugins the parent loaded (`--plugin`), and leaves Ctrl-C to the parent, which
+    stops it (a terminal sends it to the whole group)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for module in plugins:
+        load_plugin(module)
 
 
 def _execute(runs: Sequence[Run], jobs: int | None, shapes: Mapping[str, ExpertLayout]) -> Iterator[dict[str, Any]]:
@@ -404,8 +433,12 @@ def _execute(runs: Sequence[Run], jobs: int | None, shapes: Mapping[str, ExpertL
         for run in runs:
             yield run_one(run, shapes.get(run.shape_from))
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context(START_METHOD),
+        initializer=_start_worker,
+        initargs=(loaded_plugins(),),
+    )
     try:
         futures = [pool.submit(run_one, run, shapes.get(run.shape_from)) for run in runs]
         for future in as_completed(futures):

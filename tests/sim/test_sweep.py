@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from specmd import __version__
+from specmd.cache.policies.plugins import load_plugin
 from specmd.sim import load_trace
+from specmd.sim import sweep as sweep_module
 from specmd.sim.report import report
 from specmd.sim.sweep import SweepGrid, read_results, sweep
+from tests.plugins import FAIL, MIX, MODULE, POLICY, write_plugin
 
 POLICIES = ("none/lru/fetch/standard", "topk/least-stale/fetch/standard")
 
@@ -166,3 +169,47 @@ def test_gap_closed_needs_both_floors_and_a_positive_gap() -> None:
     assert gap_closed(row("next-use", 0.5), 0.3, 0.3) is None  # Belady not above the floor
     assert gap_closed(row("next-use", 0.5), None, 0.3) is None
     assert gap_closed(row("next-use", 0.5), 0.7, None) is None
+
+
+def test_mixes_that_run_live_only_are_refused_before_any_run(recorded: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    for name, config, why in (("hobbit24", "config3", "looks 2 layers ahead"), ("mixturecache25", "config4",
+                              "changes routing")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"cannot replay .*{config}, {name}.* so no run started: .*{why}") as error:
+            sweep(grid(recorded, policies=(*POLICIES, name)), out, jobs=1, progress=False)
+        assert f"specmd reproduce runs the paper's {config} live" in str(error.value)
+        assert not out.exists()  # not even a header
+    sweep(grid(recorded, cache_fracs=(0.25,)), out, jobs=1, progress=False)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="holds less than one expert"):  # a cache too small is refused up front too
+        sweep(grid(recorded, cache_fracs=(0.25, 0.001)), out, jobs=1, progress=False)
+    assert out.read_bytes() == before  # the finished rows stay, as they were, for the sweep to resume
+
+
+@pytest.mark.usefixtures("fresh_plugins")
+def test_a_run_that_fails_mid_sweep_leaves_only_whole_rows_and_the_sweep_resumes(
+    recorded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.syspath_prepend(str(write_plugin(tmp_path / "plugin")))
+    load_plugin(MODULE)
+    out, failing = tmp_path / "r.csv", grid(recorded, policies=(*POLICIES, MIX), bandwidths=(5.0,))
+    monkeypatch.setenv(FAIL, "1")  # the plugin's policy raises at its first eviction, in a worker
+    with pytest.raises(ValueError, match="plugin-mru was told to fail"):
+        sweep(failing, out, jobs=2, progress=False)
+    assert out.read_bytes().endswith(b"\r\n")
+    finished = read_results(out)
+    assert not caplog.records and all(row["eviction"] != POLICY for row in finished)  # whole rows of finished runs
+    monkeypatch.delenv(FAIL)
+    assert len(sweep(failing, out, jobs=2, progress=False)) == len(failing.runs()) - len(finished)
+    assert len(rows_of(out)) == len({(r["policy"], r["cache_frac"]) for r in read_results(out)}) == 9
+
+
+@pytest.mark.usefixtures("fresh_plugins")
+def test_workers_import_the_plugins_the_parent_loaded(
+    recorded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(write_plugin(tmp_path / "plugin")))
+    load_plugin(MODULE)
+    monkeypatch.setattr(sweep_module, "START_METHOD", "spawn")  # fresh workers: nothing inherited from the parent
+    rows = sweep(grid(recorded, policies=(MIX,), bandwidths=(5.0,)), tmp_path / "r.csv", jobs=2, progress=False)
+    assert sorted(row["eviction"] for row in rows) == ["belady", "belady", "lru", POLICY, POLICY]

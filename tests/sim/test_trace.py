@@ -10,7 +10,7 @@ import torch
 
 from specmd import OffloadOLMoE
 from specmd.sim import Trace, TraceError, TraceEvent, load_trace, record, replay
-from tests.sim.conftest import PROMPT, TOKENS
+from tests.sim.conftest import PROMPT, TOKENS, random_trace
 
 
 def test_recorded_trace_holds_the_format_and_the_model(recorded: Path) -> None:
@@ -166,3 +166,17 @@ def test_a_prompt_logged_as_many_rows_at_token_0_is_the_prefill(tmp_path: Path) 
     assert passes[0].layers[0].requests == {0: 1, 1: 2, 2: 2, 3: 1}
     assert [e.token for e in trace.events if e.layer == 0] == [0, 1, 2, 3, 4]
     assert replay(trace, policy="none/lru/fetch/standard", cache_frac=0.5).requests == 2 * 4 + 2 * 2 * 2
+
+
+def test_a_trace_shows_as_one_line_of_what_it_holds(recorded: Path, checkpoint: Path) -> None:
+    trace = load_trace(recorded)
+    passes, requests = len(trace.passes()), trace.num_requests
+    assert repr(trace) == (
+        f"Trace({recorded}: {checkpoint}, 1 sequence, {passes} passes, {requests:,} requests, "
+        f"4 MoE layers x 16 experts, top-4, sha256={trace.sha256[:12]})"
+    )
+    both = Trace.concat([trace, trace])
+    assert f": {checkpoint}, 2 sequences, {2 * passes} passes, {2 * requests:,} requests, 4 MoE" in repr(both)
+    big = Trace(trace.meta, trace.events * 200)  # the same tokens again and again: one sequence, as many passes
+    assert len(repr(big)) < 300 and str(big) == repr(big)
+    assert "model not recorded" in repr(random_trace(0)) and "sha256=-" in repr(random_trace(0))

@@ -9,6 +9,7 @@ from specmd.cache.policies.base import (
     RoutePrediction,
     RoutingPolicy,
 )
+from specmd.cache.policies.plugins import PluginError, load_plugin
 from specmd.cache.policies.spec import (
     DEFAULT_POLICY,
     Policies,
@@ -26,6 +27,7 @@ __all__ = [
     "EvictionPolicy",
     "Fetch",
     "MissPolicy",
+    "PluginError",
     "Policies",
     "PolicyChoice",
     "PolicySpec",
@@ -33,6 +35,7 @@ __all__ = [
     "RoutePrediction",
     "RoutingPolicy",
     "catalog",
+    "load_plugin",
     "register_eviction",
     "register_miss",
     "register_prefetch",

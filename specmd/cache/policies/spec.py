@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import ast
 import inspect
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from specmd.cache.policies.base import EvictionPolicy, MissPolicy, PrefetchPolicy, RoutingPolicy
+from specmd.cache.policies.plugins import load_entry_points
 from specmd.quant.names import canonical_precision
 
 KINDS = ("prefetch", "eviction", "miss", "routing")
@@ -114,28 +117,71 @@ def names(kind: str) -> list[str]:
     return listed
 
 
+def _docstring(cls: type) -> str:
+    """`cls`'s docstring; a class compiled with mypyc keeps none, so its module's source file gives it."""
+    doc = inspect.getdoc(cls)
+    if doc:
+        return doc
+    compiled = Path(getattr(sys.modules.get(cls.__module__), "__file__", None) or "")
+    try:  # miss.cpython-311-x86_64-linux-gnu.so was built from miss.py, beside it
+        tree = ast.parse(compiled.with_name(compiled.name.split(".")[0] + ".py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
+            return ast.get_docstring(node) or ""
+    return ""
+
+
+def description(cls: type) -> str:
+    """The first paragraph of `cls`'s docstring, as one line."""
+    paragraph = _docstring(cls).split("\n\n")[0]
+    return " ".join(paragraph.split())
+
+
+def parameters(kind: str, name: str) -> dict[str, Any]:
+    """The parameters of the `kind` policy `name` (or an alias) with their defaults (`inspect.Parameter.empty`
+    for one without)."""
+    cls = _REGISTRY[kind][canonical_name(kind, name)]
+    return {p.name: p.default for p in inspect.signature(cls).parameters.values() if p.name != "self"}
+
+
 def catalog() -> list[tuple[str, str, tuple[str, ...], str]]:
-    """(kind, name, aliases, one-line description) of every registered policy and named configuration."""
+    """(kind, name, aliases, description) of every registered policy (plugins' included: the entry-point group is
+    loaded first) and named configuration; a policy's description is its docstring's first paragraph."""
+    load_entry_points()
     rows = []
     for kind in KINDS:
         for name, cls in _REGISTRY[kind].items():
             aliases = tuple(a for a, target in _ALIASES[kind].items() if target == name)
-            doc = (inspect.getdoc(cls) or "").splitlines()
-            rows.append((kind, name, aliases, doc[0] if doc else ""))
-    for name, (mix, description) in NAMED_MIXES.items():
+            rows.append((kind, name, aliases, description(cls)))
+    for name, (mix, text) in NAMED_MIXES.items():
         systems = [system for system, config in SYSTEM_NAMES.items() if config == name]
         listed = tuple(label + suffix for label in (name, *systems) for suffix in ("", LEAST_STALE_SUFFIX))[1:]
-        rows.append(("config", name, listed, f"{mix}: {description}"))
+        rows.append(("config", name, listed, f"{mix}: {text}"))
     return rows
 
 
+def configuration_names(mix: str) -> list[str]:
+    """The configuration names that stand for the mix `mix` (as `str(PolicySpec)` writes it), e.g. config3 and
+    hobbit24 for 'lookahead/lhu/cascade/standard'."""
+    labels = [*NAMED_MIXES, *SYSTEM_NAMES]
+    labels += [label + LEAST_STALE_SUFFIX for label in labels]
+    return [label for label in labels if str(PolicySpec.parse(label)) == mix]
+
+
 def canonical_name(kind: str, name: str) -> str:
-    """Resolve an alias; a name that is not registered is a ValueError listing the valid ones."""
+    """Resolve an alias; a name that is not registered is a ValueError listing the valid ones.
+
+    A name not found loads the plugins of the ``specmd.policies`` entry-point group (once), then looks again.
+    """
     if kind not in _REGISTRY:
         raise ValueError(f"unknown policy kind {kind!r}; the kinds are {', '.join(KINDS)}")
     if not isinstance(name, str):
         raise ValueError(f"a {kind} policy name must be a string, got {name!r}")
     key = name.strip().lower()
+    if key not in _REGISTRY[kind] and key not in _ALIASES[kind]:
+        load_entry_points()  # perhaps a plugin's policy
     if key in _REGISTRY[kind]:
         return key
     if key in _ALIASES[kind]:

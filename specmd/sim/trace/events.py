@@ -207,6 +207,10 @@ class RowRules:
         return None
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"
+
+
 @dataclass
 class Trace:
     """A routing trace: its header (`meta`) and its events, in file order."""
@@ -220,7 +224,28 @@ class Trace:
     """The header the events were last checked against (by a reader as it read them, or by `layout`)."""
 
     def __repr__(self) -> str:
-        return f"Trace({self.source}, {len(self.events):,} events, sha256={self.sha256[:12] or '-'})"
+        """One line: the model, how many sequences, passes and requests, and the routing's shape (never the events)."""
+        sequences: set[int] = set()
+        layers: set[int] = set()
+        requests: dict[tuple[int, int, int], set[int]] = {}  # (sequence, pass, layer) -> experts, as a replay counts
+        top_k = 0
+        for e in self.events:
+            sequences.add(e.seq)
+            layers.add(e.layer)
+            requests.setdefault((e.seq, -1 if e.prefill else e.token, e.layer), set()).update(e.experts)
+            top_k = max(top_k, len(e.experts))
+        passes = len({(seq, token) for seq, token, _ in requests})
+        model = self.meta.get("model") or self.meta.get("model_type") or "model not recorded"
+        experts = self.meta.get("experts_per_layer") or "?"
+        counts = (
+            _count(len(sequences), "sequence", "sequences"),
+            _count(passes, "pass", "passes"),
+            _count(sum(map(len, requests.values())), "request", "requests"),
+        )
+        return (
+            f"Trace({self.source}: {model}, {', '.join(counts)}, {len(layers)} MoE layers x {experts} experts, "
+            f"top-{self.meta.get('top_k') or top_k}, sha256={self.sha256[:12] or '-'})"
+        )
 
     @classmethod
     def concat(cls, traces: Sequence[Trace]) -> Trace:
