@@ -244,3 +244,27 @@ def test_a_device_torch_cannot_name_is_refused(
 def test_cuda_without_cuda_is_one_line_before_anything_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     code, shown = run_cli(monkeypatch, "generate", "default", "--prompt", "x", "--device", "cuda")
     assert_one_line(code, shown, "cuda", "device_map='cpu'")
+
+
+def test_a_hub_id_offline_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    code, shown = run_cli(monkeypatch, "info", "someone/no-such-moe")
+    assert time.perf_counter() - start < 5
+    assert_one_line(code, shown, "someone/no-such-moe is not a local directory", "cannot be reached")
+
+
+def test_version() -> None:
+    from specmd import __version__
+
+    run = subprocess.run([sys.executable, "-m", "specmd.cli", "--version"], capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and run.stdout.strip() == f"specmd {__version__}"

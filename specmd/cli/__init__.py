@@ -23,7 +23,10 @@ err = Console(stderr=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from specmd import __version__
+
     parser = Parser(prog="specmd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"specmd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)  # each a `Parser` too
     for family in (run, models, research, reproduce, evaluate):  # each adds its commands, in --help's order
         family.register(commands)

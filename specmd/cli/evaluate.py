@@ -23,7 +23,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "default), hub (the standard datasets) or a directory of <dataset>/<split>.jsonl files",
     )  # fmt: skip
     options.add_policy(evaluate)
-    options.add_offload_options(evaluate, bandwidth=5.0)
+    options.add_offload_options(evaluate, bandwidth=options.PROFILE)
     evaluate.add_argument("--batch-size", type=options.positive_int, default=1, help="requests per batch (1)")
     evaluate.add_argument("--limit", type=options.positive_float, help="documents per task (a fraction if below 1)")
     evaluate.add_argument(

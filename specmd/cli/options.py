@@ -106,25 +106,50 @@ def output_file(text: str) -> str:
 
 
 # ---- the model ----------------------------------------------------------------------------------
-def add_model(
-    parser: argparse.ArgumentParser, text: str = MODEL_HELP, *, flag: bool = False, optional: bool = False
-) -> None:
-    """The model to use: a positional, optional (the bundled model) with `optional`, or `--model` with `flag`."""
-    if flag:
-        parser.add_argument("--model", default=BUNDLED, help=text)
-    elif optional:
+def add_model(parser: argparse.ArgumentParser, text: str = MODEL_HELP, *, optional: bool = False) -> None:
+    """The model to use: a positional, optional (the bundled model) with `optional`."""
+    if optional:
         parser.add_argument("model", nargs="?", default=BUNDLED, help=text)
     else:
         parser.add_argument("model", help=text)
 
 
 def model_path(name: str) -> str:
-    """A model argument as a directory or hub id: 'default' is the bundled model."""
+    """A model argument as a directory or hub id: 'default' is the bundled model. A hub id neither cached nor
+    reachable is a ValueError at once (the hub's client would retry for half a minute first)."""
     if name == BUNDLED:
         from specmd.default_model import default_model_path
 
         return str(default_model_path())
+    from specmd.default_model import bundled_configs
+
+    if not Path(name).expanduser().exists() and name not in bundled_configs():
+        _check_hub_reachable(name)
     return name
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return  # not a hub id (a missing path): the loader names it
+    if constants.HF_HUB_OFFLINE or try_to_load_from_cache(repo_id, "config.json") is not None:
+        return  # offline mode reads the cache at once; a cached model loads even when the hub is down
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as exc:
+        raise ValueError(
+            f"{repo_id} is not a local directory or file, is not in the Hugging Face cache, and the hub "
+            f"({constants.ENDPOINT}) cannot be reached ({exc}): give a local checkpoint directory, or download the "
+            "model while online"
+        ) from None
 
 
 def device_name(text: str) -> str:

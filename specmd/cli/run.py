@@ -35,7 +35,7 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     demo = commands.add_parser(
         "demo", help="the paper's story on the bundled model: eviction, prefetch and the Belady bound side by side"
     )
-    options.add_model(demo, "model directory or hub id (default: the bundled model)", flag=True)
+    options.add_model(demo, "model directory or hub id (default: the bundled model)", optional=True)
     options.add_max_new_tokens(demo)
     options.add_offload_options(demo, bandwidth=options.PROFILE, hardware=PAPER_HARDWARE, shape_from=PAPER_SHAPE)
     options.add_output(demo)

@@ -92,7 +92,7 @@ def test_loading_runs_no_checkpoint_code(custom_code: tuple[Path, Path, list[str
 
 @pytest.mark.parametrize(
     "args",
-    [["info"], ["generate", "--prompt", "x"], ["routing-stats", "--text", __file__], ["demo", "--model"]],
+    [["info"], ["generate", "--prompt", "x"], ["routing-stats", "--text", __file__], ["demo"]],
 )
 def test_the_cli_runs_no_checkpoint_code(
     custom_code: tuple[Path, Path, list[str]], monkeypatch: pytest.MonkeyPatch, args: list[str]
@@ -100,7 +100,7 @@ def test_the_cli_runs_no_checkpoint_code(
     folder, marker, asked = custom_code
     errors = Console(width=80, record=True, file=io.StringIO())
     monkeypatch.setattr(cli, "err", errors)
-    assert cli.main([args[0], *args[1:], str(folder)] if args[0] == "demo" else [args[0], str(folder), *args[1:]]) == 2
+    assert cli.main([args[0], str(folder), *args[1:]]) == 2
     assert len(errors.export_text().splitlines()) == 1
     assert not marker.exists() and asked == []
 
