@@ -163,11 +163,9 @@ def test_an_unknown_eval_task_is_one_line_before_the_model_loads(monkeypatch: py
 
 
 def test_prompts_that_hold_no_tokens_are_refused(tmp_path: Path) -> None:
-    from specmd.cli.research import read_prompts
-
     (tmp_path / "p.jsonl").write_text('"def f():"\n""\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2: expected a non-empty JSON string"):
-        read_prompts(str(tmp_path / "p.jsonl"))
+        options.read_prompts(str(tmp_path / "p.jsonl"))
 
     def tokenizer(text: str, return_tensors: str) -> dict:
         import torch

@@ -7,13 +7,16 @@ describe. Heavy imports (torch, transformers, the model classes) wait inside the
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 BUNDLED = "default"  # the model name that stands for the bundled model
+STDIN = "-"  # a prompt source that stands for standard input
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 NATIVE, PROFILE = "native", "profile"  # the --bandwidth-gbps words; PROFILE passes on as is (cache.config.PROFILE)
 LINK_VALUES = f"GB/s, {NATIVE!r} or {PROFILE!r}"
@@ -346,6 +349,29 @@ def load_tokenizer(path: str) -> Any:
 
     with config_errors(path):  # a tokenizer may read the model's config
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+# ---- prompts ----------------------------------------------------------------------------------------
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line (blank lines skipped); in a .jsonl file each line is a JSON string or {"prompt": ...}.
+
+    `-` reads standard input, one prompt per line. A source that holds no prompt is a ValueError.
+    """
+    text = sys.stdin.read() if path == STDIN else Path(path).read_text()
+    name = "standard input" if path == STDIN else path
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{name} holds no prompts")
+    if not path.endswith(".jsonl"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        item = json.loads(line)
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{path}:{number}: expected a non-empty JSON string or an object with a 'prompt' string")
+        prompts.append(prompt)
+    return prompts
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[Any]:

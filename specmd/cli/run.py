@@ -11,7 +11,6 @@ from rich.table import Table
 
 from specmd import cli
 from specmd.cli import options, output
-from specmd.cli.research import read_prompts
 from specmd.default_model import BUNDLED_PROMPTS, PAPER_HARDWARE, PAPER_SHAPE
 
 # The rows of `specmd demo`: the paper's story on one recording, each mix replayed from it.
@@ -48,7 +47,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from specmd.sim.record import TraceRecorder
     from specmd.sim.replay import replay
 
-    prompts = read_prompts(str(BUNDLED_PROMPTS))
+    prompts = options.read_prompts(str(BUNDLED_PROMPTS))
     tokenizer = options.load_tokenizer(options.model_path(args.model))
     encoded = options.encode_prompts(tokenizer, prompts)
     price_as = options.priced_as(args.shape_from) if args.shape_from else None
