@@ -79,6 +79,89 @@ def test_generate_prints_text_and_metrics(cache_dir: Path, tmp_path: Path) -> No
     assert result["stats"]["decode_tokens"] == 4 and len(result["outputs"]) == 1
 
 
+class Writes(io.StringIO):
+    """A console's file that keeps each write apart, to see text arrive in pieces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def generate(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path, *args: str) -> tuple[dict, Writes]:
+    """`specmd generate default ARGS --out FILE` in this process: the JSON result, and what it printed."""
+    monkeypatch.setenv("SPECMD_CACHE_DIR", str(cache_dir))
+    shown = Writes()
+    monkeypatch.setattr(cli, "out", Console(file=shown, width=160))
+    out = tmp_path / "result.json"
+    assert cli.main(["generate", "default", "--max-new-tokens", "8", "--out", str(out), *args]) == 0
+    return json.loads(out.read_text()), shown
+
+
+def test_generate_streams_the_text_it_returns(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path) -> None:
+    prompts = ["import os", "def f(x):"]
+    result, shown = generate(monkeypatch, cache_dir, tmp_path, "--prompt", prompts[0], "--prompt", prompts[1])
+    texts = result["outputs"]
+    assert len(texts) == 2 and all(texts)
+    # each prompt, then its continuation exactly as returned, then a line break; the metrics after
+    streamed = "".join(f"{prompt}{text}\n" for prompt, text in zip(prompts, texts, strict=True))
+    assert shown.getvalue().startswith(streamed) and "hit rate" in shown.getvalue()
+    # the continuation came in pieces as it was generated, not in one write at the end
+    assert shown.writes.index(prompts[1]) - shown.writes.index(prompts[0]) > 3
+    # the default link is the hardware profile's, not native speed
+    assert result["options"]["bandwidth_gbps"] == "profile"
+
+
+def test_generate_samples_reproducibly_with_a_seed(
+    monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def sample(seed: str) -> list[str]:
+        result, shown = generate(monkeypatch, cache_dir, tmp_path, "--prompt", "import os", "--prompt", "class A",
+                                 "--temperature", "1.5", "--top-p", "0.95", "--seed", seed, "--json")  # fmt: skip
+        assert shown.getvalue() == ""  # --json streams nothing ...
+        assert json.loads(capsys.readouterr().out) == result  # ... and prints the JSON result alone
+        assert set(result) == {"model", "options", "outputs", "stats"}
+        return result["outputs"]
+
+    first = sample("3")
+    assert sample("3") == first  # the same seed, the same text
+    assert sample("4") != first  # another seed draws other tokens
+    greedy, _ = generate(monkeypatch, cache_dir, tmp_path, "--prompt", "import os", "--prompt", "class A", "--json")
+    assert greedy["outputs"] != first  # sampling at 1.5 leaves the greedy path
+    assert generate(monkeypatch, cache_dir, tmp_path, "--prompt", "import os", "--seed", "3")[0]["outputs"] == [
+        greedy["outputs"][0]
+    ]  # a seed without --temperature is still greedy
+
+
+def test_generate_reads_prompts_from_a_file_or_stdin(
+    monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path
+) -> None:
+    given, _ = generate(monkeypatch, cache_dir, tmp_path, "--prompt", "import os", "--prompt", "def f(x):")
+    (tmp_path / "p.jsonl").write_text('"import os"\n{"prompt": "def f(x):"}\n')
+    from_file, _ = generate(monkeypatch, cache_dir, tmp_path, "--prompts", str(tmp_path / "p.jsonl"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("import os\n\ndef f(x):\n"))
+    from_stdin, shown = generate(monkeypatch, cache_dir, tmp_path, "--prompts", "-")
+    assert from_file["outputs"] == from_stdin["outputs"] == given["outputs"]
+    assert shown.getvalue().startswith(f"import os{given['outputs'][0]}\ndef f(x):{given['outputs'][1]}\n")
+
+
+def test_generate_takes_a_prompt_from_stdin_in_the_console_script(cache_dir: Path, tmp_path: Path) -> None:
+    """`--prompt -` is all of standard input but its final line break, in its place among the --prompt values."""
+    out = tmp_path / "result.json"
+    env = os.environ | {"SPECMD_CACHE_DIR": str(cache_dir)}
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("specmd")), "generate", "default", "--prompt", "import re",
+         "--prompt", "-", "--max-new-tokens", "6", "--out", str(out)],
+        input="class A:\n    def f(self):\n", capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    first, second = json.loads(out.read_text())["outputs"]
+    assert run.stdout.startswith(f"import re{first}\nclass A:\n    def f(self):{second}\n")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -96,7 +96,16 @@ def bad_config(folder: Path, **changes: object) -> Path:
         (["reproduce", "--out", "o", "--jobs", "0"], ["--jobs: must be a whole number >= 1"]),
         (["reproduce", "--out", "o", "--capacities", "0.05", "0"], ["--capacities: must be a number with 0 < value"]),
         (["reproduce", "--out", "o", "--links", "fast"], ["--links: must be a number > 0 of GB/s, 'native' or"]),
-        (["generate", "default"], ["the following arguments are required: --prompt"]),
+        (["generate", "default"], ["one of the arguments --prompt --prompts is required"]),
+        (["generate", "default", "--prompt", "x", "--prompts", "p.txt"],
+         ["argument --prompts: not allowed with argument --prompt"]),
+        (["generate", "default", "--prompt", "x", "--temperature", "-1"], ["--temperature: must be a number >= 0"]),
+        (["generate", "default", "--prompt", "x", "--temperature", "1", "--top-p", "0"],
+         ["--top-p: must be a number with 0 < value <= 1, got '0'"]),
+        (["generate", "default", "--prompt", "x", "--top-p", "0.9"], ["--top-p narrows sampling", "--temperature > 0"]),
+        (["generate", "default", "--prompt", "x", "--seed", "1.5"], ["--seed: must be a whole number >= 0"]),
+        (["generate", "default", "--prompt", "-", "--prompt", "-"], ["--prompt - reads all of standard input", "once"]),
+        (["generate", "default", "--prompts", "/no/such/prompts.txt"], ["No such file", "/no/such/prompts.txt"]),
         (["no-such-command"], ["invalid choice: 'no-such-command'"]),
     ],
 )  # fmt: skip
@@ -163,11 +172,9 @@ def test_an_unknown_eval_task_is_one_line_before_the_model_loads(monkeypatch: py
 
 
 def test_prompts_that_hold_no_tokens_are_refused(tmp_path: Path) -> None:
-    from specmd.cli.research import read_prompts
-
     (tmp_path / "p.jsonl").write_text('"def f():"\n""\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2: expected a non-empty JSON string"):
-        read_prompts(str(tmp_path / "p.jsonl"))
+        options.read_prompts(str(tmp_path / "p.jsonl"))
 
     def tokenizer(text: str, return_tensors: str) -> dict:
         import torch

@@ -7,13 +7,16 @@ describe. Heavy imports (torch, transformers, the model classes) wait inside the
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 BUNDLED = "default"  # the model name that stands for the bundled model
+STDIN = "-"  # a prompt source that stands for standard input
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 NATIVE, PROFILE = "native", "profile"  # the --bandwidth-gbps words; PROFILE passes on as is (cache.config.PROFILE)
 LINK_VALUES = f"GB/s, {NATIVE!r} or {PROFILE!r}"
@@ -373,6 +376,60 @@ def load_tokenizer(path: str) -> Any:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
+# ---- prompts ----------------------------------------------------------------------------------------
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line (blank lines skipped); in a .jsonl file each line is a JSON string or {"prompt": ...}.
+
+    `-` reads standard input, one prompt per line. A source that holds no prompt is a ValueError.
+    """
+    text = sys.stdin.read() if path == STDIN else Path(path).read_text()
+    name = "standard input" if path == STDIN else path
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{name} holds no prompts")
+    if not path.endswith(".jsonl"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        item = json.loads(line)
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{path}:{number}: expected a non-empty JSON string or an object with a 'prompt' string")
+        prompts.append(prompt)
+    return prompts
+
+
+def add_prompt_sources(parser: argparse.ArgumentParser) -> None:
+    """Where a command's prompts come from: --prompt TEXT, repeated, or --prompts FILE; one of them, not both
+    (`given_prompts`). `-` stands for standard input in either."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--prompt", type=prompt_text, action="append", metavar="TEXT", help="a prompt (repeat for several); "
+        "'-' reads one prompt from standard input, all of it but the final line break",
+    )  # fmt: skip
+    source.add_argument(
+        "--prompts", metavar="FILE", help="a file of prompts, one a line or a .jsonl of strings; '-' reads them "
+        "from standard input, one a line (instead of --prompt)",
+    )  # fmt: skip
+
+
+def given_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts `add_prompt_sources`' options give, in order; standard input is read where they say `-`."""
+    if args.prompts is not None:
+        return read_prompts(args.prompts)
+    if args.prompt.count(STDIN) > 1:
+        raise ValueError("--prompt - reads all of standard input as one prompt; give it once")
+    return [_stdin_prompt() if prompt == STDIN else prompt for prompt in args.prompt]
+
+
+def _stdin_prompt() -> str:
+    text = sys.stdin.read()
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise ValueError("--prompt -: standard input holds no prompt")
+    return text
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[Any]:
     """Each prompt as model inputs; one that encodes to no tokens is a ValueError (before any model loads)."""
     encoded = []
@@ -384,15 +441,62 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[Any]:
     return encoded
 
 
-def continuations(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of each prompt (`encode_prompts`' inputs), one request at a time."""
+def add_sampling(parser: argparse.ArgumentParser) -> None:
+    """--temperature, --top-p and --seed: how `continuations` picks tokens (`sampling`)."""
+    parser.add_argument(
+        "--temperature", type=non_negative_float, default=0.0,
+        help="sample at this temperature (default 0: greedy, the most likely token each step)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--top-p", type=fraction, help="sample only from the most likely tokens holding this share of the "
+        "probability (default 1: all of them; needs --temperature)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=non_negative_int, help="seed each prompt's sampling: the same seed gives the same text "
+        "(default: a different draw each run)",
+    )  # fmt: skip
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The `continuations` keywords of `add_sampling`'s options; --top-p without sampling is a ValueError."""
+    if args.top_p is not None and args.temperature == 0:
+        raise ValueError("--top-p narrows sampling, which needs --temperature > 0 (the default, 0, is greedy)")
+    return {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+
+
+def continuations(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stream: Callable[[int], Any] | None = None,
+) -> list[str]:
+    """The continuation of each prompt (`encode_prompts`' inputs), one request at a time.
+
+    Greedy at `temperature` 0, else sampled from the temperature-scaled distribution, narrowed to the most
+    likely tokens holding `top_p` of it (only those two: the model's generation config does not add a top-k);
+    `seed` seeds each prompt's generation, so a prompt and seed give the same text. `stream(i)` makes the
+    `generate` streamer of prompt `i` (`output.TextStream`), which shows the text as it comes.
+    """
+    from transformers import set_seed
+
+    picking: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        picking = {"do_sample": True, "temperature": temperature, "top_p": top_p or 1.0, "top_k": 0}
     texts = []
-    for inputs in prompts:
+    for index, inputs in enumerate(prompts):
+        if seed is not None:
+            set_seed(seed)
         output = model.generate(
             **inputs.to(model.device),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            streamer=stream(index) if stream else None,
+            **picking,
         )
         texts.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     return texts

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from specmd import cli
 from specmd.cache.hardware import PROFILES
@@ -95,3 +96,39 @@ def print_stats(args: argparse.Namespace, stats: Any, *, wall: bool = True) -> N
     for name, fmt in _metrics(wall):
         table.add_row(name, fmt(stats))
     show_metrics(table)
+
+
+class TextStream:
+    """A `generate` streamer that prints a prompt (bold), then its continuation as it comes, then a line break.
+
+    The continuation is decoded whole at each token, as `options.continuations` decodes it, and what it adds
+    is written to `cli.out`'s file unchanged (no markup, wrapping or tab expansion), so what shows is the text
+    the command returns. A character whose bytes have not all come yet waits for them.
+    """
+
+    def __init__(self, tokenizer: Any, prompt: str) -> None:
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.tokens: list[int] | None = None  # the continuation's, once the prompt has passed
+        self.shown = ""
+
+    def put(self, value: Any) -> None:
+        """`generate` hands the prompt's tokens first, then each new token."""
+        if self.tokens is None:
+            self.tokens = []
+            cli.out.print(Text(self.prompt, style="bold"), end="", soft_wrap=True, highlight=False)
+            return
+        self.tokens.extend(value.reshape(-1).tolist())
+        self._show(final=False)
+
+    def end(self) -> None:
+        self._show(final=True)
+        cli.out.file.write("\n")
+        cli.out.file.flush()
+
+    def _show(self, *, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens or [], skip_special_tokens=True)
+        if text.startswith(self.shown) and (final or not text.endswith("\ufffd")):
+            cli.out.file.write(text[len(self.shown) :])
+            cli.out.file.flush()
+            self.shown = text

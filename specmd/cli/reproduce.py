@@ -9,7 +9,6 @@ from typing import Any
 
 from specmd import cli
 from specmd.cli import options, output
-from specmd.cli.research import read_prompts
 from specmd.default_model import BUNDLED_PROMPTS, PAPER_HARDWARE, PAPER_SHAPE
 
 QUALITY_TEXT = Path(sysconfig.get_paths()["stdlib"]) / "dataclasses.py"  # held out from the bundled model's training
@@ -104,7 +103,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = options.model_path(args.model or "default") if args.model or not args.traces else None
-    prompts = read_prompts(args.prompts)
+    prompts = options.read_prompts(args.prompts)
     say = (lambda text: None) if args.json else (lambda text: cli.err.print(text, style="dim", highlight=False))
     if args.traces:
         paths = [Path(t) for t in args.traces]

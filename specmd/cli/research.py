@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
@@ -21,13 +20,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _add_trace(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     trace = commands.add_parser("trace", help="record a routing trace while generating from a file of prompts")
     options.add_model(trace)
-    trace.add_argument("--prompts", required=True, help="one prompt per line (or a .jsonl of strings)")
+    trace.add_argument(
+        "--prompts", required=True, help="one prompt per line (or a .jsonl of strings); '-' reads standard input"
+    )
     trace.add_argument(
         "--out", type=trace_file, required=True, help="trace file to write: .jsonl (interchange) or .npz (compact)"
     )
     options.add_max_new_tokens(trace)
     options.add_policy(trace, "the live run's policy (the trace does not depend on it)")
-    options.add_offload_options(trace, bandwidth=None)
+    options.add_offload_options(trace, bandwidth=options.PROFILE)
     options.add_json(trace)
     trace.set_defaults(func=cmd_trace)
 
@@ -41,27 +42,10 @@ def trace_file(text: str) -> str:
     return options.output_file(text)
 
 
-def read_prompts(path: str) -> list[str]:
-    """One prompt per line; in a .jsonl file each line is a JSON string or {"prompt": ...}."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    if not path.endswith(".jsonl"):
-        return lines
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        item = json.loads(line)
-        prompt = item.get("prompt") if isinstance(item, dict) else item
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"{path}:{number}: expected a non-empty JSON string or an object with a 'prompt' string")
-        prompts.append(prompt)
-    return prompts
-
-
 def cmd_trace(args: argparse.Namespace) -> int:
     from specmd.sim.record import TraceRecorder
 
-    prompts = read_prompts(args.prompts)
-    if not prompts:
-        raise ValueError(f"{args.prompts} holds no prompts")
+    prompts = options.read_prompts(args.prompts)
     tokenizer = options.load_tokenizer(options.model_path(args.model))
     encoded = options.encode_prompts(tokenizer, prompts)
     with options.load_model(args, args.policy) as model:

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from specmd import cli
 from specmd.cli import options, output
-from specmd.cli.research import read_prompts
 from specmd.default_model import BUNDLED_PROMPTS, PAPER_HARDWARE, PAPER_SHAPE
 
 # The rows of `specmd demo`: the paper's story on one recording, each mix replayed from it.
@@ -48,7 +47,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from specmd.sim.record import TraceRecorder
     from specmd.sim.replay import replay
 
-    prompts = read_prompts(str(BUNDLED_PROMPTS))
+    prompts = options.read_prompts(str(BUNDLED_PROMPTS))
     tokenizer = options.load_tokenizer(options.model_path(args.model))
     encoded = options.encode_prompts(tokenizer, prompts)
     price_as = options.priced_as(args.shape_from) if args.shape_from else None
@@ -143,28 +142,31 @@ def demo_notes(rows: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    generate = commands.add_parser("generate", help="generate text with an offloaded model and report cache metrics")
-    options.add_model(generate)
-    generate.add_argument(
-        "--prompt", type=options.prompt_text, action="append", required=True, help="a prompt (repeat for several)"
+    generate = commands.add_parser(
+        "generate", help="generate text with an offloaded model, streamed as it comes, and report cache metrics"
     )
+    options.add_model(generate)
+    options.add_prompt_sources(generate)
     options.add_max_new_tokens(generate)
+    options.add_sampling(generate)
     options.add_policy(generate)
-    options.add_offload_options(generate, bandwidth=None)
+    options.add_offload_options(generate, bandwidth=options.PROFILE)
     options.add_output(generate)
     generate.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Each prompt's continuation, one prompt at a time, streamed unless --json; then the cache metrics."""
+    sampling = options.sampling(args)
+    prompts = options.given_prompts(args)
     tokenizer = options.load_tokenizer(options.model_path(args.model))
-    prompts = options.encode_prompts(tokenizer, args.prompt)
+    encoded = options.encode_prompts(tokenizer, prompts)
+    stream = None if args.json else lambda index: output.TextStream(tokenizer, prompts[index])
     with options.load_model(args, args.policy) as model:
-        texts = options.continuations(model, tokenizer, prompts, args.max_new_tokens)
+        texts = options.continuations(model, tokenizer, encoded, args.max_new_tokens, **sampling, stream=stream)
         stats = model.cache_stats()
         offload_options = model.offload_options.to_dict()
     output.emit(args, {"model": args.model, "options": offload_options, "outputs": texts, "stats": stats.to_dict()})
     if not args.json:
-        for prompt, text in zip(args.prompt, texts, strict=True):
-            cli.out.print(f"[bold]{prompt}[/bold]{text}", markup=True, highlight=False)
         output.print_stats(args, stats)
     return 0

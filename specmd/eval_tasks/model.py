@@ -4,6 +4,8 @@
 `--model_args` key HFLM does not use itself goes to `AutoOffloadForCausalLM.from_pretrained` (`cache_frac`,
 `cache_bytes`, `policy`, `bandwidth_gbps`, `link_latency_s`, `hardware`, `compute_time`, `storage`, ...).
 `pretrained=default` is specmd's default model; without a capacity the cache holds `DEFAULT_CACHE_FRAC`.
+A key none of them takes (a typo such as `cache_fracc`) is one ValueError listing the keys it accepts, raised
+before anything loads, instead of a TypeError from deep inside transformers (`check_model_args`).
 
 Cache metrics, per task: the counters restart when a task's requests start (the cache keeps what it holds)
 and are read when they end. `get_model_info()` hands them to lm_eval, which writes them in the results
@@ -20,6 +22,8 @@ Pad tokens request no experts (DESIGN §5). HFLM's batches carry two kinds:
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +38,8 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 from specmd import __version__
 from specmd.eval_tasks import MODEL_NAME
 from specmd.offload_models.auto import AutoOffloadForCausalLM
+from specmd.offload_models.base import OffloadMixin
+from specmd.offload_models.loading import REFUSED, SUPPORTED
 
 DEFAULT_CACHE_FRAC = 0.05  # the paper's main setting
 # A child of lm_eval's logger: the `lm_eval` command shows the per-task cache summary among its own lines.
@@ -53,6 +59,7 @@ class OffloadHFLM(HFLM):
         cache_bytes: int | str | None = None,
         **kwargs: Any,
     ) -> None:
+        check_model_args(kwargs)
         if pretrained == "default":
             from specmd.default_model import default_model_path
 
@@ -156,6 +163,37 @@ class OffloadHFLM(HFLM):
             yield
         finally:
             handle.remove()
+
+
+def accepted_model_args() -> dict[str, list[str]]:
+    """The `--model_args` keys `offload-hf` takes, by who reads them: specmd's `from_pretrained`, lm_eval's
+    `HFLM`, and the transformers `from_pretrained` keywords specmd runs (`loading.SUPPORTED`)."""
+
+    def named(function: Callable[..., Any], kinds: tuple[Any, ...]) -> list[str]:
+        return [n for n, p in inspect.signature(function).parameters.items() if p.kind in kinds and n != "self"]
+
+    specmd = named(OffloadMixin.from_pretrained, (inspect.Parameter.KEYWORD_ONLY,))
+    hflm = named(HFLM.__init__, (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+    transformers = [key for key in SUPPORTED if key not in hflm]
+    return {"specmd's": specmd, "lm_eval HFLM's": hflm, "transformers from_pretrained's": transformers}
+
+
+def check_model_args(kwargs: dict[str, Any]) -> None:
+    """Refuse, with one ValueError listing the accepted keys, every key of `kwargs` no reader takes.
+
+    A transformers keyword specmd refuses (`loading.REFUSED`) passes, to be refused with its own reason.
+    """
+    accepted = accepted_model_args()
+    known = {key for keys in accepted.values() for key in keys} | set(REFUSED)
+    unknown = [key for key in kwargs if key not in known]
+    if not unknown:
+        return
+    guesses = [match for key in unknown for match in difflib.get_close_matches(key, known, n=1)]
+    hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+    listing = "; ".join(f"{reader} {', '.join(sorted(keys))}" for reader, keys in accepted.items())
+    raise ValueError(
+        f"{MODEL_NAME} takes no model_args key {', '.join(map(repr, unknown))}{hint}; it accepts {listing}"
+    )
 
 
 class _FinishedRows:

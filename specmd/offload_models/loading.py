@@ -39,6 +39,15 @@ REFUSED: dict[str, str] = {
     "fusion_config": NOT_TESTED,
 }
 
+# The keywords of transformers' `from_pretrained` that an offloaded model runs as transformers does (which ignores
+# low_cpu_mem_usage and offload_state_dict now); the rest of those it reads are refused above, internal, or of
+# features specmd does not run (PEFT adapters, hub kernels). tests/models/test_loading.py checks both lists.
+SUPPORTED = (
+    "attn_implementation", "cache_dir", "device_map", "disable_mmap", "dtype", "force_download", "local_files_only",
+    "low_cpu_mem_usage", "offload_state_dict", "proxies", "revision", "subfolder", "token", "torch_dtype",
+    "trust_remote_code", "use_safetensors", "variant", "weights_only",
+)  # fmt: skip
+
 
 def check_loading_keywords(kwargs: Mapping[str, Any]) -> None:
     """Refuse every transformers loading keyword in `kwargs` that specmd does not run correctly (one ValueError)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,25 @@ def test_model_args_reach_the_cache(lm: OffloadHFLM) -> None:
     options = lm.model.offload_options
     assert options.cache_frac == 0.5 and options.policy.prefetch.name == "topk"
     assert type(lm.model).__name__ == "OffloadOLMoE"
+
+
+def test_a_misspelt_model_arg_is_one_error_listing_the_accepted_keys(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as error:  # checked before anything loads: the checkpoint's absence is not seen
+        OffloadHFLM(pretrained=str(tmp_path / "no-such-model"), cache_fracc=0.05, batch_size=2, device="cpu")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("offload-hf takes no model_args key 'cache_fracc' (did you mean cache_frac?)")
+    accepted = set(re.findall(r"\w+", message.split("; it accepts ", 1)[1]))
+    assert {
+        "cache_frac", "cache_bytes", "policy", "bandwidth_gbps", "link_latency_s", "hardware", "shape_from",
+        "expert_precisions", "storage", "batch_size", "max_length", "attn_implementation", "device_map",
+    } <= accepted  # fmt: skip
+
+
+def test_a_refused_transformers_keyword_keeps_its_own_reason(eval_model: Path) -> None:
+    """Known to transformers, refused by specmd: not an unknown key, but specmd's reason (`loading.REFUSED`)."""
+    with pytest.raises(ValueError, match="experts_implementation='eager' is not supported: specmd runs the routed"):
+        OffloadHFLM(pretrained=str(eval_model), experts_implementation="eager", device="cpu", progress=False)
 
 
 @pytest.mark.parametrize("until", [["e"], ["\n", "a"], ["no such stop"]])

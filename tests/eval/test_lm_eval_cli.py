@@ -128,3 +128,18 @@ def test_hf_still_runs_and_generates_the_same_text(runs) -> None:  # type: ignor
         theirs = sorted((s["doc_id"], s["filter"], s["resps"]) for s in samples[task])
         mine = sorted((s["doc_id"], s["filter"], s["resps"]) for s in offloaded[task])
         assert theirs == mine, task
+
+
+def test_a_misspelt_model_arg_is_one_clear_error(lm_eval_script: tuple[str, dict[str, str]], eval_model: Path) -> None:
+    """`cache_fracc=` stops the stock command with specmd's error listing the keys, not transformers' TypeError."""
+    command, env = lm_eval_script
+    run = subprocess.run(
+        [command, "--model", "offload-hf", "--model_args", f"pretrained={eval_model},cache_fracc=0.05",
+         "--tasks", "specmd_nq_open", "--include_path", str(TASK_DIR), "--device", "cpu", "--limit", "1"],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    shown = run.stdout + run.stderr
+    assert run.returncode != 0 and "TypeError" not in shown, shown[-3000:]
+    last = shown.strip().splitlines()[-1]
+    assert last.startswith("ValueError: offload-hf takes no model_args key 'cache_fracc' (did you mean cache_frac?)")
+    assert "specmd's bandwidth_gbps, cache_bytes, cache_frac" in last and "lm_eval HFLM's" in last, last

@@ -7,16 +7,19 @@ onto `meta` through accelerate's disk offload and generated NaN logits without a
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import OlmoeForCausalLM
+from transformers import OlmoeForCausalLM, PreTrainedModel
 
 from specmd import AutoOffloadForCausalLM, OffloadOLMoE
 from specmd.offload_models import base
+from specmd.offload_models.loading import REFUSED, SUPPORTED
 from tests.conftest import tiny_model
 
 PROMPT = torch.tensor([[5, 17, 33, 8, 91, 2, 40, 40, 12, 7, 66, 3]])
@@ -188,3 +191,13 @@ def test_revision_cache_dir_and_subfolder_of_a_hub_checkpoint(tmp_path: Path) ->
     hub = {"cache_dir": str(tmp_path), "local_files_only": True}
     for kwargs in ({}, {"revision": "v2"}, {"revision": "v2", "subfolder": "sub"}):
         assert_same_as_stock("specmd/tiny", **hub, **kwargs)
+
+
+def test_the_keyword_lists_name_keywords_transformers_reads() -> None:
+    """`loading.SUPPORTED` and `REFUSED` (which lm_eval's offload-hf lists as accepted keys) name keywords the
+    installed transformers' `from_pretrained` reads: a parameter, a `kwargs.pop`, or an `in kwargs` test."""
+    source = inspect.getsource(PreTrainedModel.from_pretrained)
+    read = set(inspect.signature(PreTrainedModel.from_pretrained).parameters)
+    read |= set(re.findall(r'kwargs\.pop\("(\w+)"', source)) | set(re.findall(r'"(\w+)" in kwargs', source))
+    read |= set(re.findall(r"for name in \[([^]]*)\]", source)[0].replace('"', "").replace(" ", "").split(","))
+    assert not set(SUPPORTED) - read and not set(REFUSED) - read, (set(SUPPORTED) | set(REFUSED)) - read
