@@ -275,3 +275,24 @@ def test_version() -> None:
 
     run = subprocess.run([sys.executable, "-m", "specmd.cli", "--version"], capture_output=True, text=True, check=False)
     assert run.returncode == 0 and run.stdout.strip() == f"specmd {__version__}"
+
+
+def test_shared_options_take_the_same_values_and_defaults_everywhere() -> None:
+    """Each option several commands share is one definition: the same parser of values everywhere, and
+    the same default wherever it takes one value (demo and reproduce default to the paper's hardware)."""
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    seen: dict[str, list[tuple[str, argparse.Action]]] = {}
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                seen.setdefault(flag, []).append((name, action))
+    types = {"--cache-frac": options.fraction, "--cache-bytes": options.byte_size, "--device": options.device_name,
+             "--bandwidth-gbps": options.parse_bandwidth, "--max-new-tokens": options.positive_int}  # fmt: skip
+    for flag, parse in types.items():
+        assert len(seen[flag]) > 1 and all(action.type is parse for _, action in seen[flag]), flag
+    links = {name: a.default for name, a in seen["--bandwidth-gbps"] if a.nargs is None}
+    assert set(links.values()) == {options.PROFILE}, links
+    hardware = {name: a.default for name, a in seen["--hardware"] if a.nargs is None}
+    assert {h for n, h in hardware.items() if n not in ("demo", "reproduce")} == {"a100"}, hardware
+    assert all(a.default is None for _, a in seen["--device"])
+    assert len({tuple(a.choices or ()) for _, a in seen["--dtype"]}) == 1
