@@ -90,7 +90,8 @@ def show_metrics(table: Table) -> None:
 
 def print_stats(args: argparse.Namespace, stats: Any, *, wall: bool = True) -> None:
     """One run's metrics, a row each (without the wall-clock ones when not `wall`)."""
-    table = Table(title=f"{args.policy}, cache {capacity_label(args)}")
+    title = f"{args.policy}, cache {capacity_label(args)}"
+    table = Table(title=title, min_width=len(title))  # a two-column table would wrap its title mid-word
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, fmt in _metrics(wall):
