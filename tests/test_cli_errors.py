@@ -272,9 +272,11 @@ def test_a_hub_id_offline_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_version() -> None:
     from specmd import __version__
+    from specmd.compiled import is_compiled
 
     run = subprocess.run([sys.executable, "-m", "specmd.cli", "--version"], capture_output=True, text=True, check=False)
-    assert run.returncode == 0 and run.stdout.strip() == f"specmd {__version__}"
+    engine = "compiled" if is_compiled() else "pure Python"
+    assert run.returncode == 0 and run.stdout.strip() == f"specmd {__version__} ({engine} engine)"
 
 
 def test_shared_options_take_the_same_values_and_defaults_everywhere() -> None:

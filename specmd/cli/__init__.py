@@ -24,9 +24,11 @@ err = Console(stderr=True)
 
 def build_parser() -> argparse.ArgumentParser:
     from specmd import __version__
+    from specmd.compiled import is_compiled
 
+    engine = "compiled" if is_compiled() else "pure Python"
     parser = Parser(prog="specmd", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"specmd {__version__}")
+    parser.add_argument("--version", action="version", version=f"specmd {__version__} ({engine} engine)")
     commands = parser.add_subparsers(dest="command", required=True)  # each a `Parser` too
     for family in (run, models, research, reproduce, evaluate):  # each adds its commands, in --help's order
         family.register(commands)
