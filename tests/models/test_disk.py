@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from transformers import OlmoeForCausalLM
 
 from specmd import OffloadOLMoE
+from specmd.cache.live import disk
 from specmd.cache.live.disk import DiskStore
 from specmd.cache.live.store import RamStore
 from specmd.cache.live.watchdog import TransferError
@@ -77,6 +79,22 @@ def test_reads_are_exact_ranges_merged_where_they_touch(checkpoints: dict[str, P
                 assert sum(piece.nbytes for piece in pieces) == EXPERT_BYTES
 
 
+def reading_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("specmd-disk") and t.is_alive()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_expert_larger_than_a_chunk_is_read_with_several_requests_in_flight(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    stock = OlmoeForCausalLM.from_pretrained(checkpoint, experts_implementation="eager", dtype=dtype)
+    monkeypatch.setattr(disk, "READ_CHUNK", 1000)  # an fp32 expert (6144 B in 3 ranges) is 9 requests
+    with load(checkpoint, cache_bytes=EXPERT_BYTES, dtype=dtype) as model, torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, stock(PROMPT).logits)
+        assert 1 < len(reading_threads()) <= disk.READ_THREADS
+    assert reading_threads() == []  # joined on close
+
+
 def test_no_expert_is_held_in_ram(checkpoint: Path) -> None:
     """Direct accounting: the tier holds file handles and byte ranges, never expert bytes; a CPU cache at the
     checkpoint's dtype is read into straight, with no staging at all."""
@@ -135,9 +153,11 @@ def copy_of(checkpoint: Path, tmp_path: Path) -> Path:
     return target
 
 
+@pytest.mark.parametrize("chunk", [disk.READ_CHUNK, 1000], ids=["one-request", "several-in-flight"])
 def test_a_file_rewritten_under_the_running_model_is_one_error_naming_file_and_expert(
-    checkpoint: Path, tmp_path: Path
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
+    monkeypatch.setattr(disk, "READ_CHUNK", chunk)
     path = copy_of(checkpoint, tmp_path)
     weights = path / "model.safetensors"
     model = load(path, cache_bytes=EXPERT_BYTES, transfer_timeout_s=5)

@@ -8,13 +8,16 @@ its persisted copy (`specmd.quant.persist`), one row per expert, so one expert i
 without one is quantized once, a layer at a time.
 
 Memory: no expert is held by the tier. On the CPU a read lands straight in its cache slot; otherwise (a
-GPU cache, or a cast) it goes through one of two staging buffers allocated at load (pinned on CUDA; one
-per thread that may read: the transfer thread and the main thread), so nothing is allocated per read.
+GPU cache, or a cast) it goes through one of two staging buffers allocated once, on first need (pinned on
+CUDA; one per thread that may read: the transfer thread and the main thread), so nothing is allocated per
+read.
 
 Reads are buffered `pread`s of exactly the bytes an expert needs (ranges that touch are merged into one
-read), with `POSIX_FADV_RANDOM` so the kernel reads no further ahead. The page cache then keeps recently
-read experts while memory is free, and gives it back under pressure; O_DIRECT is not used (safetensors
-offsets are not block-aligned, and a cached expert is a free hit).
+read), with `POSIX_FADV_RANDOM` so the kernel reads no further ahead. An expert larger than `READ_CHUNK`
+is read in chunks, `READ_THREADS` at a time, by a small pool the tier starts on first need and joins on
+close. The page cache then keeps recently read experts while memory is free, and gives it back under
+pressure; O_DIRECT is not used (safetensors offsets are not block-aligned, and a cached expert is a free
+hit).
 
 A file that is shorter, or has another size or modification time than when it was opened (rewritten
 under the running model) is an `ExpertReadError` naming the file and the expert, raised by the read;
@@ -28,6 +31,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
     from specmd.quant.persist import QuantizedCopies
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+READ_CHUNK = 4 << 20  # bytes per read request: long enough to stream, short enough to keep several in flight
+READ_THREADS = 4  # requests in flight for one expert (an NVMe drive needs queue depth to reach its bandwidth)
 STAGING_BUFFERS = 2  # the transfer thread and the main thread (which copies an expert it needs first itself)
 
 
@@ -146,6 +152,7 @@ class DiskStore:
         self._staging: queue.SimpleQueue[tuple[torch.Tensor, torch.Tensor]] = queue.SimpleQueue()
         self._staging_lock = threading.Lock()
         self.staging_bytes = 0  # allocated so far: at most STAGING_BUFFERS expert copies (twice with a cast)
+        self._pool: ThreadPoolExecutor | None = None
 
     def _take_staging(self) -> tuple[torch.Tensor, torch.Tensor]:
         with self._staging_lock:
@@ -215,13 +222,31 @@ class DiskStore:
 
     def _read(self, key: ExpertKey, dst: torch.Tensor, what: str) -> None:
         view = memoryview(dst.numpy())  # type: ignore[arg-type]
+        chunks = []  # (file, destination, file offset)
         offset = 0
         for piece in self._ranges[key]:
-            self._open[piece.path].read(view[offset : offset + piece.nbytes], piece.start, what)
+            for start in range(0, piece.nbytes, READ_CHUNK):
+                size = min(READ_CHUNK, piece.nbytes - start)
+                target = view[offset + start : offset + start + size]
+                chunks.append((self._open[piece.path], target, piece.start + start))
             offset += piece.nbytes
         assert offset == len(view), f"{what}: its ranges hold {offset} B, its copy {len(view)} B"
+        if len(chunks) == 1:
+            file, target, start = chunks[0]
+            file.read(target, start, what)
+            return
+        with self._staging_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="specmd-disk")
+        reads = [self._pool.submit(file.read, target, start, what) for file, target, start in chunks]
+        wait(reads)  # every chunk has landed or failed before the slot is handed on
+        for read in reads:
+            read.result()  # the first error, raised on this (the calling) thread
 
     def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)  # idle: the transfer thread has stopped before the tier closes
         opened, self._open = self._open, {}
         for file in opened.values():
             file.close()
