@@ -4,6 +4,7 @@ on bad or changing files. Every architecture and layout: `test_architectures.py:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -115,8 +116,13 @@ from specmd import OffloadOLMoE
 def peak():  # this process's own high-water mark (ru_maxrss would carry the parent's from before exec)
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 torch.set_num_threads(1)
+precisions = tuple(sys.argv[3:]) or None
+if precisions:
+    import bitsandbytes  # its own import is not what is measured
 before = peak()
-with OffloadOLMoE.from_pretrained(sys.argv[1], cache_frac=0.05, storage=sys.argv[2], progress=False) as model:
+with OffloadOLMoE.from_pretrained(
+    sys.argv[1], cache_frac=0.05, storage=sys.argv[2], expert_precisions=precisions, progress=False
+) as model:
     model(torch.tensor([[5, 17, 33, 8]]))
 print(peak() - before)
 """
@@ -124,8 +130,8 @@ print(peak() - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_rss_stays_far_below_the_experts(tmp_path: Path) -> None:
-    """A model with 128 MiB of experts: loading it with storage='ram' raises the peak RSS by all of them,
-    with storage='disk' by a small part (the 5% cache and the dense weights)."""
+    """A model with 192 MiB of experts: loading it with storage='ram' raises the peak RSS by all of them,
+    with storage='disk' by a small part (the 5% cache and the dense weights), also while it quantizes them."""
     from tests.conftest import tiny_model
 
     model = tiny_model(hidden_size=256, intermediate_size=512, num_experts=32, num_experts_per_tok=2, vocab_size=64)
@@ -133,17 +139,22 @@ def test_peak_rss_stays_far_below_the_experts(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "big")
     del model
 
-    def peak(storage: str) -> int:
+    def peak(storage: str, *precisions: str) -> int:
         env = os.environ | {"PYTHONPATH": str(Path.cwd()), "SPECMD_CACHE_DIR": str(tmp_path / "cache")}
-        run = subprocess.run(
-            [sys.executable, "-c", PEAK_RSS, str(tmp_path / "big"), storage], capture_output=True, text=True, env=env
-        )
+        command = [sys.executable, "-c", PEAK_RSS, str(tmp_path / "big"), storage, *precisions]
+        run = subprocess.run(command, capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stderr
         return int(run.stdout.split()[-1])
 
     ram, disk = peak("ram"), peak("disk")
     assert ram > 0.9 * experts, (ram, disk, experts)  # the check can fail: RAM holds every expert
     assert disk < 0.25 * experts, (disk, experts)
+    if importlib.util.find_spec("bitsandbytes") is not None:  # quantizing streams: one layer of int8 at a time
+        # every int8 expert alone would be half the fp32 bytes; one layer's (a quarter of that) and the 16 MiB
+        # chunks hashing reads stay well below
+        quantizing = peak("disk", "int8")
+        assert quantizing < 0.5 * experts, (quantizing, experts)
+        assert list((tmp_path / "cache" / "quant").glob("int8-*/manifest.json"))
 
 
 # ---- bad files -------------------------------------------------------------------------------------
@@ -215,18 +226,21 @@ def test_quantized_copies_are_written_once_and_read_per_expert(
     pytest.importorskip("bitsandbytes")
     from specmd.quant.formats import get_format
 
-    monkeypatch.setenv("SPECMD_CACHE_DIR", str(tmp_path / "cache"))
     precisions = ("int8", "fp32")
-    with load(checkpoint, cache_frac=0.25, expert_precisions=precisions) as model, torch.no_grad():
-        written = model(PROMPT).logits  # quantized now, a layer at a time, into the cache dir
-    monkeypatch.setattr(type(get_format("int8")), "pack", None)  # from here on nothing may quantize
+    monkeypatch.setenv("SPECMD_CACHE_DIR", str(tmp_path / "ram"))
     with OffloadOLMoE.from_pretrained(checkpoint, cache_frac=0.25, expert_precisions=precisions, progress=False) as ram:
-        assert torch.equal(ram(PROMPT).logits, written)
+        expected = ram(PROMPT).logits  # quantized by the RAM tier, from the mmapped checkpoint
+    monkeypatch.setenv("SPECMD_CACHE_DIR", str(tmp_path / "disk"))
     with load(checkpoint, cache_frac=0.25, expert_precisions=precisions) as model, torch.no_grad():
-        assert torch.equal(model(PROMPT).logits, written)
+        assert torch.equal(model(PROMPT).logits, expected)  # quantized now, a layer at a time, from the files
+    monkeypatch.setattr(type(get_format("int8")), "pack", None)  # from here on nothing may quantize
+    with load(checkpoint, cache_frac=0.25, expert_precisions=precisions) as model, torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, expected)
         pieces = [p for key, p in store_of(model)._ranges.items() if key.precision == "int8"]
         assert len(pieces) == 4 * 16
-        assert all(len(p) == 1 and p[0].path.parent.parent == tmp_path / "cache" / "quant" for p in pieces)
+        assert all(len(p) == 1 and p[0].path.parent.parent == tmp_path / "disk" / "quant" for p in pieces)
+    saved = [path.read_bytes() for path in sorted((tmp_path / "ram" / "quant").glob("int8-*/layer-*"))]
+    assert saved == [path.read_bytes() for path in sorted((tmp_path / "disk" / "quant").glob("int8-*/layer-*"))]
 
 
 def test_a_precision_the_disk_cannot_hold_is_refused(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:

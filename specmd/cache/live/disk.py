@@ -64,10 +64,6 @@ class ExpertFiles(Protocol):
         """The byte ranges of one expert in dense packing order (gate, up, down)."""
         ...
 
-    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]: ...
-
-    def __len__(self) -> int: ...
-
 
 class ExpertReadError(OSError):
     """An expert's bytes could not be read as they were when the model loaded."""
@@ -252,15 +248,20 @@ class DiskStore:
             file.close()
 
 
+def _source_dtype(experts: ExpertFiles) -> torch.dtype:
+    """The torch dtype of the checkpoint's expert tensors."""
+    if experts.dtype not in DTYPES:
+        raise ValueError(f"storage='disk' reads float experts (F32, F16, BF16); the checkpoint's are {experts.dtype}")
+    return DTYPES[experts.dtype]
+
+
 Where = Callable[[int, int], tuple[FileRange, ...]]
 """(layer, expert) -> the byte ranges of that expert's copy, in packing order."""
 
 
 def _dense_plan(experts: ExpertFiles, fmt: DenseFormat, shape: ExpertShape) -> tuple[_Copy, Where]:
     """A float precision, read from the checkpoint (cast on arrival when the checkpoint is at another dtype)."""
-    source = DTYPES.get(experts.dtype or "")
-    if source is None:
-        raise ValueError(f"storage='disk' reads float experts (F32, F16, BF16); the checkpoint's are {experts.dtype}")
+    source = _source_dtype(experts)
     plan = _Copy(fmt.nbytes(shape)) if source == fmt.dtype else _Copy(fmt.nbytes(shape), source, fmt.dtype)
     return plan, experts.ranges
 
@@ -290,16 +291,36 @@ def _copy_plan(
 def _quantized_layers(
     experts: ExpertFiles, fmt: ExpertFormat, shape: ExpertShape, progress: bool
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Each layer's experts packed at `fmt` [experts, bytes], one layer in memory at a time."""
-    read = iter(tqdm(experts, total=len(experts), desc=f"specmd: quantizing experts to {fmt.name}", unit="expert",
-                     disable=not progress))  # fmt: skip
-    for layer in experts.layers:  # the checkpoint yields every expert of a layer, layer by layer
-        rows = torch.empty((experts.num_experts, fmt.nbytes(shape)), dtype=torch.uint8)
-        for _ in range(experts.num_experts):
-            read_layer, expert, gate_up, down = next(read)
-            assert read_layer == layer, f"the checkpoint yielded layer {read_layer} where layer {layer} was due"
-            rows[expert].copy_(fmt.pack(gate_up, down))
-        yield layer, rows
+    """Each layer's experts packed at `fmt` [experts, bytes], one layer in memory at a time.
+
+    Each expert is read from the checkpoint into one reused buffer (no mmap, whose touched pages would count
+    against the process until the last expert), then packed.
+    """
+    source = _source_dtype(experts)
+    dense = DenseFormat(f"checkpoint {experts.dtype}", source)  # the checkpoint's bytes as a dense format packs them
+    buffer = torch.empty(dense.nbytes(shape), dtype=torch.uint8)
+    view = memoryview(buffer.numpy())  # type: ignore[arg-type]
+    files: dict[Path, _File] = {}
+    bar = tqdm(total=len(experts.layers) * experts.num_experts, desc=f"specmd: quantizing experts to {fmt.name}",
+               unit="expert", disable=not progress)  # fmt: skip
+    try:
+        for layer in experts.layers:
+            rows = torch.empty((experts.num_experts, fmt.nbytes(shape)), dtype=torch.uint8)
+            for expert in range(experts.num_experts):
+                offset = 0
+                for piece in _merged(experts.ranges(layer, expert)):
+                    if piece.path not in files:
+                        files[piece.path] = _File(piece.path)
+                    what = f"expert {expert} of layer {layer} (quantizing to {fmt.name})"
+                    files[piece.path].read(view[offset : offset + piece.nbytes], piece.start, what)
+                    offset += piece.nbytes
+                rows[expert].copy_(fmt.pack(*dense.unpack(buffer, shape)))
+                bar.update()
+            yield layer, rows
+    finally:
+        bar.close()
+        for file in files.values():
+            file.close()
 
 
 def _merged(ranges: Sequence[FileRange]) -> tuple[FileRange, ...]:
