@@ -115,6 +115,12 @@ def test_generate_streams_the_text_it_returns(monkeypatch: pytest.MonkeyPatch, c
     assert result["options"]["bandwidth_gbps"] == "profile"
 
 
+def test_generate_reads_experts_from_disk(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path) -> None:
+    ram, _ = generate(monkeypatch, cache_dir, tmp_path, "--prompt", "import os")
+    disk, _ = generate(monkeypatch, cache_dir, tmp_path, "--prompt", "import os", "--storage", "disk")
+    assert disk["outputs"] == ram["outputs"] and disk["options"]["storage"] == "disk"
+
+
 def test_generate_samples_reproducibly_with_a_seed(
     monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -16,8 +16,8 @@ import pytest
 import specmd
 
 PACKAGE = Path(specmd.__file__).parent
-RANK = {"": 0, "default_model": 0, "compiled": 0, "quant": 0, "cache": 1, "offload_models": 2, "sim": 2,
-        "eval_tasks": 3, "cli": 4}  # fmt: skip
+RANK = {"": 0, "default_model": 0, "compiled": 0, "tensorfiles": 0, "quant": 0, "cache": 1, "offload_models": 2,
+        "sim": 2, "eval_tasks": 3, "cli": 4}  # fmt: skip
 TORCH_SIDE = ("torch", "transformers", "bitsandbytes", "hqq", "accelerate", "safetensors")
 
 

@@ -338,6 +338,19 @@ def add_offload_options(
         help="expert precisions to store, comma-separated; requests use the first (e.g. int4, or int8,int4,int2; "
         "default: the model's dtype)",
     )
+    add_storage(parser)
+
+
+def add_storage(parser: argparse.ArgumentParser) -> None:
+    """--storage: the tier holding every expert's full copy (`from_pretrained`'s `storage`, which checks the name
+    against the registered tiers before anything loads)."""
+    parser.add_argument(
+        "--storage",
+        metavar="{ram,disk}",
+        default="ram",
+        help="where every expert's full copy lives: ram (host memory) or disk (read from the checkpoint's files on "
+        "demand, for models larger than RAM) (default: ram)",
+    )
 
 
 def load_model(args: argparse.Namespace, policy: str) -> Any:
@@ -352,6 +365,7 @@ def load_model(args: argparse.Namespace, policy: str) -> Any:
         hardware=args.hardware,
         shape_from=args.shape_from or None,
         expert_precisions=tuple(args.precisions.split(",")) if args.precisions else None,
+        storage=args.storage,
         dtype=torch_dtype(args.dtype),
         device_map={"": device(args)},
         progress=not args.json,

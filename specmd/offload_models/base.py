@@ -42,7 +42,7 @@ from specmd.offload_models.observer import RoutingObserver
 from specmd.offload_models.options import OffloadOptions
 from specmd.offload_models.predictors import DEFAULT_PREDICTOR, make_predictor
 from specmd.offload_models.routing import SoftmaxTopK
-from specmd.offload_models.runtime import OffloadRuntime
+from specmd.offload_models.runtime import OffloadRuntime, shutdown
 from specmd.quant.formats import ExpertShape, get_format, precision_of_dtype
 from specmd.quant.persist import QuantizedCopies
 
@@ -264,6 +264,11 @@ class OffloadMixin:
                 "pass device_map={'': device}"
             )
         device = devices.pop()
+        if options.storage == "disk" and device.type == "cpu":
+            # transformers leaves CPU weights mmapped from the checkpoint: a file truncated under the running model
+            # would kill it (SIGBUS) where the disk tier reports an error. Own copies of the dense part avoid that.
+            for tensor in (*self.parameters(), *self.buffers()):
+                tensor.data = tensor.data.clone()
         native = precision_of_dtype(self.dtype)
         precisions = options.expert_precisions or (native,)
         shape = arch.expert_shape(config)
@@ -294,12 +299,13 @@ class OffloadMixin:
             options.storage, experts, list(formats.values()), shape,
             pin=device.type == "cuda", progress=options.progress, copies=copies,
         )  # fmt: skip
-        # The arena holds real experts: as many as the (possibly priced) capacity admits, at their real sizes.
-        capacity = manager.cache.capacity_bytes
-        real_capacity = max(-(-capacity * real_bytes[p] // layout.expert_bytes[p]) for p in precisions)
-        arena = SlotArena(real_capacity, real_bytes.values(), device)
-        watchdog = Watchdog()
+        watchdog = None
         try:
+            # The arena holds real experts: as many as the (possibly priced) capacity admits, at their real sizes.
+            capacity = manager.cache.capacity_bytes
+            real_capacity = max(-(-capacity * real_bytes[p] // layout.expert_bytes[p]) for p in precisions)
+            arena = SlotArena(real_capacity, real_bytes.values(), device)
+            watchdog = Watchdog()
             payload = LivePayload(
                 store, arena, watchdog, copier_for(device), formats, shape, timeout_s=options.transfer_timeout_s
             )
@@ -318,14 +324,17 @@ class OffloadMixin:
             if not manager.policies.routing.neutral:
                 runtime.steer_routing(arch.router_contract, config, layout.top_k)  # type: ignore[arg-type]
         except BaseException:
-            watchdog.stop()
+            if watchdog is None:
+                store.close()
+            else:
+                shutdown(watchdog, store)
             raise
         for layer in layout.moe_layers:
             self.model.layers[layer].mlp.experts.runtime = runtime
         self._specmd = runtime
         self.offload_options = options
         self.generation_config.disable_compile = True  # the per-layer cache logic is not compilable
-        weakref.finalize(self, watchdog.stop)
+        weakref.finalize(self, shutdown, watchdog, store)
 
     def _model_shape(self, expert: ExpertShape) -> ModelShape:
         config = self.config

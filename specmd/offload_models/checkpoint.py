@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from specmd.cache.live.store import ExpertWeights
 from specmd.quant.formats import ExpertShape
+from specmd.tensorfiles import FileRange, TensorFileError, TensorRange, tensor_ranges
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -171,6 +172,7 @@ class ExpertCheckpoint:
         self.num_experts = num_experts
         self.shape = shape
         self._where: dict[tuple[int, int | None, str], tuple[Path, str]] = {}
+        self._ranges: dict[Path, dict[str, TensorRange]] | None = None
         matchers = patterns.matchers()
         dtypes: dict[str, tuple[Path, str]] = {}  # dtype -> the first tensor found at it
         for file in self.files:
@@ -186,7 +188,12 @@ class ExpertCheckpoint:
                                 self._where[where] = (file, name)
                                 dtypes.setdefault(view.get_dtype(), (file, name))
             except (SafetensorError, OSError) as exc:
+                try:  # safetensors' own message names no tensor; ours does where the header disagrees with the file
+                    tensor_ranges(file)
+                except TensorFileError as precise:
+                    raise CheckpointError(f"checkpoint file is unreadable or truncated: {precise}") from exc
                 raise CheckpointError(f"checkpoint file {file} is unreadable or truncated ({exc})") from exc
+        self.dtype = next(iter(dtypes), None)  # the safetensors name ("F32", "BF16", ...) of the experts' dtype
         if len(dtypes) > 1:
             (first, (file1, name1)), (other, (file2, name2)) = list(dtypes.items())[:2]
             raise CheckpointError(
@@ -228,6 +235,32 @@ class ExpertCheckpoint:
 
     def __len__(self) -> int:
         return len(self.layers) * self.num_experts
+
+    def ranges(self, layer: int, expert: int) -> tuple[FileRange, ...]:
+        """Where the bytes of one expert lie, in the order a dense format packs them: gate, up, down (per-expert
+        tensors: three ranges) or gate_up, down (a fused layout: each one contiguous slice of its [E, ...] tensor).
+
+        The files' headers are read on first use and checked against the files (`tensorfiles.tensor_ranges`).
+        """
+        if self._ranges is None:
+            try:
+                self._ranges = {file: tensor_ranges(file) for file in self.files}
+            except TensorFileError as exc:
+                raise CheckpointError(str(exc)) from exc
+        if (layer, None, "gate_up") in self._where:
+            parts = [(layer, None, "gate_up"), (layer, None, "down_fused")]
+        else:
+            parts = [(layer, expert, "gate"), (layer, expert, "up"), (layer, expert, "down")]
+        found = []
+        for part in parts:
+            file, name = self._where[part]
+            tensor = self._ranges[file][name]
+            if part[1] is None:  # a fused [E, ...] tensor: expert `expert`'s slice along dim 0
+                size = tensor.nbytes // self.num_experts
+                found.append(FileRange(file, tensor.start + expert * size, size))
+            else:
+                found.append(FileRange(file, tensor.start, tensor.nbytes))
+        return tuple(found)
 
     def __iter__(self) -> Iterator[ExpertWeights]:
         with ExitStack() as stack:

@@ -23,7 +23,8 @@ class OffloadOptions(CacheConfig):
         expert_precisions: precisions the store holds, each expert at every one; the first is the one
             requests use, the others are there for miss policies. None = the model's own dtype (lossless).
             Aliases resolve to the format's name (int4 -> nf4, int2 -> hqq2).
-        storage: the storage tier that holds every expert's copies ("ram").
+        storage: the storage tier that holds every expert's copies: "ram" (host memory) or "disk" (read from the
+            checkpoint's files, or persisted quantized copies, on demand; `specmd.cache.live.disk`).
         shape_from: price the experts and compute as this model's in the emulation (a config.json, a checkpoint
             directory, a hub id or a bundled config's name); None = as this model's own.
         transfer_timeout_s: the longest wait on one expert's copy before it is an error naming the expert.

@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 
 from specmd.cache.clock import PassInfo
 from specmd.cache.keys import Tick
+from specmd.cache.live.store import ExpertStore
 from specmd.cache.live.watchdog import Watchdog
 from specmd.cache.manager import CacheManager
 from specmd.cache.policies.base import Routed
@@ -219,8 +220,14 @@ class OffloadRuntime:
             self._hooks.append(router.register_forward_hook(lambda _m, _a, out, layer=layer: steer(layer, out)))
 
     def close(self) -> None:
-        """Stop the watchdog thread (queued copies finish first) and remove routing hooks."""
+        """Stop the watchdog thread (queued copies finish first), close the storage tier and remove routing hooks."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self.watchdog.stop()
+        shutdown(self.watchdog, getattr(self.manager.payload, "store", None))
+
+
+def shutdown(watchdog: Watchdog, store: ExpertStore | None) -> None:
+    """Stop `watchdog`, then close `store`: unless a copy still runs on (a daemon thread reading from it)."""
+    if watchdog.stop() and store is not None:
+        store.close()

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from specmd.quant.formats import ExpertFormat, ExpertShape
+from specmd.tensorfiles import FileRange, TensorFileError, tensor_ranges
 
 VERSION = 2  # bump when the directory layout changes (2: per-layer digests)
 DIGESTS = "file-digests.json"
@@ -45,11 +46,15 @@ def quant_dir() -> Path:
     return cache_dir() / "quant"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, start: int = 0, end: int | None = None) -> str:
+    """SHA-256 of bytes [start, end) of `path` (to its end by default), read 16 MiB at a time."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
+        handle.seek(start)
+        left = float("inf") if end is None else end - start
+        while left > 0 and (chunk := handle.read(int(min(1 << 24, left)))):
             digest.update(chunk)
+            left -= len(chunk)
     return digest.hexdigest()
 
 
@@ -151,12 +156,50 @@ class QuantizedCopies:
         key = hashlib.sha256(json.dumps(self.manifest(fmt), sort_keys=True).encode()).hexdigest()[:32]
         return self.root / f"{fmt.name}-{key}"
 
+    def _saved(self, fmt: ExpertFormat) -> dict[str, Any] | None:
+        """The manifest of the complete copy of `fmt`, or None (no copy, or one made from something else)."""
+        try:
+            saved = json.loads((self.directory(fmt) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        return saved if isinstance(saved, dict) and saved.get("key") == self.manifest(fmt) else None
+
+    def _damaged(self, fmt: ExpertFormat, layer: int) -> None:
+        warnings.warn(
+            f"specmd: the saved {fmt.name} experts of layer {layer} in {self.directory(fmt)} are damaged (their "
+            "digest differs from the one written with them); quantizing them again",
+            stacklevel=3,
+        )
+
+    def locate(self, fmt: ExpertFormat) -> dict[int, FileRange] | None:
+        """Where each layer's packed experts [experts, bytes] lie in the saved copy of `fmt` (row e is expert e, so
+        one expert is one read), checked against their digests by streaming each file once; None when there is no
+        complete, intact copy. Nothing is held in memory."""
+        directory, saved = self.directory(fmt), self._saved(fmt)
+        if saved is None:
+            return None
+        expected = self.num_experts * fmt.nbytes(self.shape)
+        found = {}
+        try:
+            for layer in self.layers:
+                path = directory / f"layer-{layer}.safetensors"
+                tensor = tensor_ranges(path).get(TENSOR)
+                if tensor is None or tensor.dtype != "U8" or tensor.nbytes != expected:
+                    return None
+                if _sha256(path, tensor.start, tensor.end) != saved["sha256"][str(layer)]:
+                    self._damaged(fmt, layer)
+                    return None
+                found[layer] = FileRange(path, tensor.start, tensor.nbytes)
+        except (OSError, KeyError, TypeError, TensorFileError):
+            return None
+        return found
+
     def load(self, fmt: ExpertFormat) -> dict[int, torch.Tensor] | None:
         """Each layer's packed experts [experts, bytes] as saved, or None when there is no complete, intact copy."""
         directory = self.directory(fmt)
         try:
-            saved = json.loads((directory / MANIFEST).read_text())
-            if not isinstance(saved, dict) or saved.get("key") != self.manifest(fmt):
+            saved = self._saved(fmt)
+            if saved is None:
                 return None
             layers = {}
             for layer in self.layers:
@@ -164,27 +207,30 @@ class QuantizedCopies:
                 if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (self.num_experts, fmt.nbytes(self.shape)):
                     return None
                 if _digest(tensor) != saved["sha256"][str(layer)]:
-                    warnings.warn(
-                        f"specmd: the saved {fmt.name} experts of layer {layer} in {directory} are damaged (their "
-                        "digest differs from the one written with them); quantizing them again",
-                        stacklevel=2,
-                    )
+                    self._damaged(fmt, layer)
                     return None
                 layers[layer] = tensor
         except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             return None
         return layers
 
-    def save(self, fmt: ExpertFormat, layers: Mapping[int, torch.Tensor]) -> Path | None:
-        """Write a copy of `fmt` from each layer's packed experts; returns its directory (None if it could not)."""
+    def save(
+        self, fmt: ExpertFormat, layers: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]
+    ) -> Path | None:
+        """Write a copy of `fmt` from each layer's packed experts; returns its directory (None if it could not).
+
+        `layers` maps each layer to its [experts, bytes] tensor, or yields (layer, tensor) pairs one at a time, so
+        a copy can be written streaming, never holding more than one layer's experts.
+        """
+        pairs = layers.items() if isinstance(layers, Mapping) else layers
         target = self.directory(fmt)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.root))
             try:
                 digests = {}
-                for layer in self.layers:
-                    tensor = layers[layer].contiguous()
+                for layer, rows in pairs:
+                    tensor = rows.contiguous()
                     save_file({TENSOR: tensor}, staging / f"layer-{layer}.safetensors")
                     digests[str(layer)] = _digest(tensor)
                 _write_json(staging / MANIFEST, {"key": self.manifest(fmt), "sha256": digests})

@@ -158,3 +158,13 @@ def test_metrics_per_task_in_model_info(lm: OffloadHFLM) -> None:
 def test_a_sequence_without_new_tokens_takes_no_part_in_a_pass() -> None:
     info = PassInfo.for_sequences([7, 9, 4], [1, 0, 1])
     assert (info.sequences, info.tokens, info.context, info.attended, info.prefill) == (2, 2, 13, 13, False)
+
+
+def test_storage_disk_in_model_args_scores_the_same(lm: OffloadHFLM, eval_model: Path) -> None:
+    args = f"pretrained={eval_model},cache_frac=0.5,storage=disk"
+    disk = OffloadHFLM.create_from_arg_string(args, {"device": "cpu", "batch_size": 4})
+    try:
+        assert disk.model.offload_options.storage == "disk"
+        assert disk.loglikelihood(loglikelihood_requests()) == lm.loglikelihood(loglikelihood_requests())
+    finally:
+        disk.model.close()

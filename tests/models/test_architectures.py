@@ -171,6 +171,26 @@ def test_every_checkpoint_layout(built: Built, layout: str) -> None:
         assert torch.equal(greedy(model, PROMPT), built.reference["tokens"])
 
 
+@pytest.mark.parametrize("layout", ["legacy", "fused", "sharded"])
+@pytest.mark.parametrize("capacity", ["all", "one-expert"])
+def test_disk_tier_is_bit_identical_from_every_layout(built: Built, layout: str, capacity: str) -> None:
+    ref = built.reference
+    kwargs = CAPACITIES[capacity] | {"policy": POLICIES["prefetch"], "storage": "disk"}
+    with load(built.paths[layout], **kwargs) as model, torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref["logits"])
+        assert torch.equal(greedy(model, PROMPT), ref["tokens"])
+        real = BATCH_MASK.bool()
+        assert torch.equal(model(BATCH, attention_mask=BATCH_MASK).logits[real], ref["batch_logits"][real])
+
+
+def test_disk_tier_bf16_from_fp32_files(built: Built) -> None:
+    bf16 = torch.bfloat16
+    stock = built.arch.stock.from_pretrained(built.paths["fused"], experts_implementation="eager", dtype=bf16)
+    disk = load(built.paths["fused"], cache_bytes=EXPERT_BYTES // 2, dtype=bf16, storage="disk")
+    with disk as model, torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, stock(PROMPT).logits)
+
+
 def test_bf16_is_bit_identical_too(built: Built) -> None:
     bf16 = torch.bfloat16
     stock = built.arch.stock.from_pretrained(built.paths["legacy"], experts_implementation="eager", dtype=bf16)

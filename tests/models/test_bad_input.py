@@ -66,7 +66,7 @@ def test_bad_policies_list_what_is_valid(checkpoint: Path, policy: object, liste
     ("kwargs", "match"),
     [
         ({"bandwidth_gbps": -5}, "bandwidth_gbps must be a number > 0"),
-        ({"storage": "disk"}, "storage 'disk' is not available; available: ram"),
+        ({"storage": "tape"}, "storage 'tape' is not available; available: ram, disk"),
         ({"expert_precisions": ("int4", "nf4")}, r"names the precision 'nf4' twice \(int4, nf4\)"),
         ({"expert_precisions": ("bf17",)}, r"unknown precision 'bf17'; available: bf16, fp16, fp32, int8, nf4"),
         ({"expert_precisions": ()}, "expert_precisions must name at least one precision"),

@@ -68,5 +68,5 @@ def test_a_new_storage_tier_is_one_registered_class(checkpoint: Path, stock, mon
         moved = model.cache_stats().bytes_transferred
     assert torch.equal(logits, stock(PROMPT).logits)
     assert 0 < CountingStore.reads <= moved // EXPERT_BYTES  # an expert evicted before its copy starts is never read
-    with pytest.raises(ValueError, match="storage 'tape' is not available; available: ram, counting"):
+    with pytest.raises(ValueError, match="storage 'tape' is not available; available: ram, disk, counting"):
         OffloadOLMoE.from_pretrained(checkpoint, cache_frac=0.25, storage="tape", progress=False)

@@ -12,9 +12,16 @@ class Completion(Protocol):
 
     def wait(self) -> None: ...
 
+    def synchronize(self) -> None:
+        """Block the calling thread until the copy has landed, so its source may be reused."""
+        ...
+
 
 class _Done:
     def wait(self) -> None:
+        return None
+
+    def synchronize(self) -> None:
         return None
 
 
@@ -42,6 +49,9 @@ class _CudaCompletion:
     def wait(self) -> None:
         # The compute stream waits on the GPU; the host never blocks.
         torch.cuda.current_stream(self._event.device).wait_event(self._event)
+
+    def synchronize(self) -> None:
+        self._event.synchronize()
 
 
 class CudaCopier:

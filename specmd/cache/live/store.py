@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from specmd.cache.keys import ExpertKey
 from specmd.cache.live.copiers import Completion, Copier
+from specmd.cache.live.disk import DiskStore
 from specmd.quant.formats import ExpertFormat, ExpertShape
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class RamStore:
 StoreFactory = Callable[..., ExpertStore]
 """Builds a tier: (experts, formats, shape, *, pin, progress, copies) -> store (see `RamStore.build`)."""
 
-STORAGE_TIERS: dict[str, StoreFactory] = {"ram": RamStore.build}
+STORAGE_TIERS: dict[str, StoreFactory] = {"ram": RamStore.build, "disk": DiskStore.build}
 
 
 def open_store(
