@@ -174,3 +174,8 @@ def test_bad_input(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config: dict
         path.write_text(json.dumps(config))
     code, _, errors = run_cli(monkeypatch, "info", str(path))
     assert code == 2 and message in errors
+
+
+def test_a_fractional_percentage_is_not_rounded_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    code, shown, _ = run_cli(monkeypatch, "info", "olmoe-1b-7b", "--cache-frac", "0.025", "0.005")
+    assert code == 0 and "2.5% cache" in shown and "0.5% cache" in shown

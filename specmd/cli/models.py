@@ -10,6 +10,7 @@ from rich.table import Table
 
 from specmd import cli
 from specmd.cli import options, output
+from specmd.sim.report import percent
 
 ROUTING_NOTE = (
     "entropy: of the layer's expert usage (max: every expert used equally); top-1 reuse: consecutive tokens with "
@@ -50,10 +51,6 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def _percent(fraction: float) -> str:
-    return f"{fraction * 100:.3g}%"  # 0.005 is 0.5%, not 0%
-
-
 def _experts(count: int) -> str:
     return "under one expert" if count == 0 else f"{count:,} expert{'s' if count > 1 else ''}"
 
@@ -82,7 +79,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         for column in ("one expert", "all experts (host RAM)"):
             table.add_column(column, justify="right")
         for capacity in info.precisions[0].capacities:
-            table.add_column(f"{_percent(capacity.cache_frac)} cache", justify="right")
+            table.add_column(f"{percent(capacity.cache_frac)} cache", justify="right")
         for sizes in info.precisions:
             stored = " (stored)" if sizes.precision == info.stored_precision else ""
             cells = [f"{_size(c.bytes)}: {_experts(c.experts)}" for c in sizes.capacities]
@@ -93,7 +90,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             device.add_column(column, justify="right")
         for need in info.device:
             device.add_row(
-                _percent(need.cache_frac), _size(need.cache_bytes), _size(need.dense_bytes), _size(need.kv_bytes),
+                percent(need.cache_frac), _size(need.cache_bytes), _size(need.dense_bytes), _size(need.kv_bytes),
                 _size(need.total_bytes),
             )  # fmt: skip
         cli.out.print(device)

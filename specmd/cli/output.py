@@ -17,6 +17,7 @@ from rich.text import Text
 from specmd import cli
 from specmd.cache.hardware import PROFILES
 from specmd.cli.options import PROFILE
+from specmd.sim.report import percent
 
 
 def _rate(per_s: float) -> str:
@@ -52,7 +53,7 @@ def emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
 
 def capacity_label(args: argparse.Namespace) -> str:
     """The cache size as given: "5%" of --cache-frac, or "N B" of --cache-bytes."""
-    return f"{args.cache_bytes} B" if args.cache_bytes else f"{args.cache_frac:.0%}"
+    return f"{args.cache_bytes} B" if args.cache_bytes else percent(args.cache_frac)
 
 
 def link_label(args: argparse.Namespace) -> str:
