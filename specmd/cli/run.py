@@ -116,8 +116,8 @@ def demo_notes(rows: Mapping[str, Any]) -> dict[str, str]:
     score_ls, belady = rows["score/least-stale/fetch/standard"], rows["none/belady/fetch/standard"]
     next_use = rows["none/next-use/fetch/standard"]
 
-    def times(a: int, b: int) -> str:
-        return f"{a / b:.1f}x" if b else "all of"
+    def fewer(a: int, b: int, other: str) -> str:
+        return f"{a / b:.1f}x fewer collisions than {other}" if b else f"no collisions where {other} has {a}"
 
     def points(a: Any, b: Any) -> str:
         return f"{(a.hit_rate - b.hit_rate) * 100:+.1f} points"
@@ -126,11 +126,11 @@ def demo_notes(rows: Mapping[str, Any]) -> dict[str, str]:
         "none/lru/fetch/standard": "Each pass walks the layers in order and LRU evicts the experts used longest ago: "
         "often those the next pass needs first.",
         "none/least-stale/fetch/standard": f"Least-Stale evicts experts of layers this pass has finished first: "
-        f"{times(lru.collision_misses, ls.collision_misses)} fewer collisions than LRU, {points(ls, lru)} of hits.",
+        f"{fewer(lru.collision_misses, ls.collision_misses, 'LRU')}, {points(ls, lru)} of hits.",
         "topk/lru/fetch/standard": f"Top-k prefetch loads the next layer's likely experts while its attention runs: "
         f"{points(topk_lru, lru)} against LRU alone.",
         "topk/least-stale/fetch/standard": f"The same prefetch over Least-Stale: "
-        f"{times(topk_lru.collision_misses, topk_ls.collision_misses)} fewer collisions than over LRU, "
+        f"{fewer(topk_lru.collision_misses, topk_ls.collision_misses, 'top-k over LRU')}, "
         f"{points(topk_ls, topk_lru)}.",
         "score/least-stale/fetch/standard": f"SpecMD's mix (config5): score prefetch takes experts until the "
         f"router's probability is covered: {points(score_ls, topk_ls)} against top-k.",
