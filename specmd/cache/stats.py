@@ -16,7 +16,7 @@ tokens / decode emulated time; the wall-clock versions sit beside them.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -155,3 +155,34 @@ class StatsRecorder:
             capacity_bytes=capacity_bytes,
             per_layer=[c.to_dict() for c in per_layer],
         )
+
+
+def combine(parts: Sequence[CacheStats]) -> CacheStats:
+    """The metrics of several caches that ran side by side (data-parallel ranks) as one `CacheStats`.
+
+    Counters (requests, hits, bytes, passes, ... and every per-layer counter) are summed and every rate is
+    recomputed from the sums: `hit_rate` is all hits / all requests, `ttft_s` all prefill time / all
+    prefills, `tokens_per_s` all decode tokens / all decode time (a rate per cache, not the ranks' summed
+    throughput). `peak_resident_bytes` and `capacity_bytes` are each cache's own: the largest of the parts.
+    Each part's prefill and decode times are recovered from its rates, so times agree to float rounding.
+    """
+    if not parts:
+        raise ValueError("combine needs at least one CacheStats")
+    recorder = StatsRecorder(sorted({layer["layer"] for part in parts for layer in part.per_layer}))
+    for part in parts:
+        for layer in part.per_layer:
+            counters = recorder.layers[layer["layer"]]
+            for name in _SUMMED:
+                setattr(counters, name, getattr(counters, name) + layer[name])
+        recorder.fetches_by_precision.update(part.fetches_by_precision)
+        prefill_s = part.ttft_s * part.prefill_passes
+        recorder.prefill_passes += part.prefill_passes
+        recorder.prefill_s += prefill_s
+        recorder.prefill_wall_s += part.wall_ttft_s * part.prefill_passes
+        recorder.decode_passes += part.decode_passes
+        recorder.decode_tokens += part.decode_tokens
+        recorder.decode_s += part.emulated_time_s - prefill_s
+        recorder.decode_wall_s += _ratio(part.decode_tokens, part.wall_tokens_per_s)
+    return recorder.snapshot(
+        max(part.peak_resident_bytes for part in parts), max(part.capacity_bytes for part in parts)
+    )
