@@ -32,6 +32,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     evaluate.add_argument(
         "--max-gen-toks", type=options.positive_int, help="longest generation (default: lm_eval's, 256)"
     )
+    evaluate.add_argument(
+        "--num-processes", type=options.positive_int, default=1, help="data-parallel ranks, each with its own "
+        "model and cache, the documents shared out (1): one per GPU with --device cuda, else CPU processes",
+    )  # fmt: skip
     evaluate.add_argument("--log-samples", action="store_true", help="keep every prompt and output in the result")
     evaluate.add_argument(
         "--print-task-dir", action="store_true", help="print the task directory for `lm_eval --include_path` and exit"
@@ -51,8 +55,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise ValueError(f"specmd eval needs lm_eval ({exc.name} is missing): pip install 'specmd[eval]'") from None
 
-    from specmd.eval_tasks.run import evaluate
+    from specmd.eval_tasks import ranks
+    from specmd.eval_tasks.run import check_inputs, evaluate
 
+    if args.num_processes > 1 and ranks.launched_processes() == 1:  # this command again, once per rank
+        check_inputs(options.model_path(args.model), args.data)  # once here, not once per rank
+        return ranks.run_ranks(args.num_processes, options.device(args), ["specmd.cli", *args.argv])
     results = evaluate(
         options.model_path(args.model),
         [name for name in args.tasks.split(",") if name],
@@ -71,12 +79,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         num_fewshot=args.num_fewshot,
         max_gen_toks=args.max_gen_toks,
         log_samples=args.log_samples,
-        progress=not args.json,
+        progress=not args.json and ranks.rank() == 0,
     )
+    if results is None:  # a rank other than 0: rank 0 shows the results of all
+        return 0
     output.emit(args, json.loads(json.dumps(results, default=handle_non_serializable)))
     if not args.json:
         print(make_table(results))  # lm_eval's own Markdown table, as the lm_eval command prints it
-        title = f"expert cache per task: {args.policy}, cache {output.capacity_label(args)}, {output.link_label(args)}"
+        ranks_label = f", summed over {args.num_processes} ranks" if args.num_processes > 1 else ""
+        title = f"expert cache per task{ranks_label}: {args.policy}, cache {output.capacity_label(args)}, "
+        title += output.link_label(args)
         table = output.metrics_table(title, "task")
         table.add_column("MB moved", justify="right")
         for task, stats in results["config"]["specmd"]["tasks"].items():

@@ -9,7 +9,9 @@ before anything loads, instead of a TypeError from deep inside transformers (`ch
 
 Cache metrics, per task: the counters restart when a task's requests start (the cache keeps what it holds)
 and are read when they end. `get_model_info()` hands them to lm_eval, which writes them in the results
-JSON under ``config.specmd.tasks.<task>`` beside the scores under ``results.<task>``.
+JSON under ``config.specmd.tasks.<task>`` beside the scores under ``results.<task>``. Launched as several
+processes (`accelerate launch`, `torchrun`), each rank loads its own model and cache on its own device and
+rank 0 reports the metrics summed over ranks, each rank's own beside them (`ranks`).
 
 Pad tokens request no experts (DESIGN §5). HFLM's batches carry two kinds:
 * generation: the left padding of a batch (HFLM passes its attention mask to `generate`, which the model
@@ -36,7 +38,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from specmd import __version__
-from specmd.eval_tasks import MODEL_NAME
+from specmd.eval_tasks import MODEL_NAME, ranks
 from specmd.offload_models.auto import AutoOffloadForCausalLM
 from specmd.offload_models.base import OffloadMixin
 from specmd.offload_models.loading import REFUSED, SUPPORTED
@@ -70,9 +72,24 @@ class OffloadHFLM(HFLM):
         kwargs["trust_remote_code"] = kwargs.get("trust_remote_code") is True
         if str(kwargs.get("batch_size", 1)).startswith("auto"):
             log.warning("batch_size=auto: the forward passes that size the batch count in the cache metrics")
+        ranks.use_cpu_ranks_without_gpus()
         super().__init__(pretrained=pretrained, cache_frac=cache_frac, cache_bytes=cache_bytes, **kwargs)
-        self.task_stats: dict[str, dict[str, Any]] = {}
+        self._join_ranks()
+        self.task_stats: ranks.TaskStats = {}  # this rank's
+        self._every_rank: list[ranks.TaskStats] | None = None  # on rank 0, once gathered: every rank's task_stats
         self._real_inputs: _RealInputs | None = None
+
+    def _join_ranks(self) -> None:
+        """Take rank and world size from accelerate whatever the device (HFLM does only with 2+ GPUs)."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if self.world_size != ranks.launched_processes():
+            self.model.close()
+            raise ValueError(
+                f"launched as {ranks.launched_processes()} processes, but accelerate runs {self.world_size}: "
+                "every rank would evaluate every document; check the launcher's settings (ACCELERATE_USE_CPU)"
+            )
 
     # ---- requests, one task at a time -----------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
@@ -102,8 +119,9 @@ class OffloadHFLM(HFLM):
                 name = f"{task} ({request_type})"
             self.task_stats[name] = {"request_type": request_type, "lm_eval_requests": len(indices), **stats.to_dict()}
             log.info(
-                "specmd cache on %s: hit rate %.1f%%, %d collision misses, stall %.3f s, TTFT %.2f ms "
+                "%sspecmd cache on %s: hit rate %.1f%%, %d collision misses, stall %.3f s, TTFT %.2f ms "
                 "(wall %.2f ms), %.1f tokens/s (wall %.1f), %d bytes moved",
+                f"rank {self.rank}: " if self.world_size > 1 else "",
                 name, 100 * stats.hit_rate, stats.collision_misses, stats.stall_s, 1e3 * stats.ttft_s,
                 1e3 * stats.wall_ttft_s, stats.tokens_per_s, stats.wall_tokens_per_s, stats.bytes_transferred,
             )  # fmt: skip
@@ -111,8 +129,21 @@ class OffloadHFLM(HFLM):
                 results[index] = output
         return results
 
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """lm_eval's gather of every rank's results to `dst`, carrying each rank's cache metrics along.
+
+        lm_eval calls it on every rank once all requests have run, rank 0 writing the results after, so
+        the metrics travel in the same collective as the scores: no extra one to fall out of step.
+        """
+        gathered = super().gather_object((obj, self.task_stats), dst)
+        if gathered is None:
+            return None
+        self._every_rank = [stats for _, stats in gathered]
+        return [item for item, _ in gathered]
+
     def get_model_info(self) -> dict[str, Any]:
-        """HFLM's model info plus `specmd`: the cache options, the model's expert layout, metrics per task."""
+        """HFLM's model info plus `specmd`: the cache options, the model's expert layout, metrics per task
+        (on several ranks: summed over them, each rank's own under `per_rank`)."""
         info = super().get_model_info()
         info["specmd"] = {
             "version": __version__,
@@ -120,6 +151,11 @@ class OffloadHFLM(HFLM):
             "model": self.model.trace_meta(),
             "tasks": self.task_stats,
         }
+        if self.world_size > 1:
+            if self._every_rank is None:
+                raise RuntimeError("the other ranks' cache metrics never arrived: lm_eval gathered no results")
+            info["specmd"]["world_size"] = self.world_size
+            info["specmd"]["tasks"] = ranks.aggregate(self._every_rank)
         return info
 
     # ---- pad tokens request nothing -------------------------------------------------------------

@@ -39,17 +39,14 @@ def evaluate(
     max_gen_toks: int | None = None,
     log_samples: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Evaluate `model` (a checkpoint, hub id or "default") on lm_eval `tasks`; lm_eval's results dict.
 
     `data` is where specmd's tasks read documents: "fixtures", "hub" or a JSONL directory (`data.py`); the
     cache settings are `from_pretrained`'s. No code of the checkpoint's own runs (`trust_remote_code=False`).
+    In a data-parallel launch (`ranks`) every rank calls it; rank 0 gets the results of all, the others None.
     """
-    from specmd.default_model import default_model_path
-    from specmd.offload_models.checkpoint import read_config
-
-    data_root(data)  # a bad source fails now, not after the model has loaded
-    read_config(default_model_path() if model == "default" else model)  # and so does a missing or bad config
+    check_inputs(model, data)
     import lm_eval
     import torch
 
@@ -82,9 +79,16 @@ def evaluate(
         gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None,
         log_samples=log_samples,
     )
-    if results is None:  # lm_eval returns results on rank 0 only
-        raise RuntimeError("lm_eval returned no results (not the main process)")
-    return dict(results)
+    return None if results is None else dict(results)  # lm_eval returns results on rank 0 only
+
+
+def check_inputs(model: str, data: str) -> None:
+    """Fail now, not after the model has loaded, on a bad data source or a missing or bad model config."""
+    from specmd.default_model import default_model_path
+    from specmd.offload_models.checkpoint import read_config
+
+    data_root(data)
+    read_config(default_model_path() if model == "default" else model)
 
 
 def _task_manager(tasks: Sequence[str], metadata: dict[str, Any]) -> Any:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import site
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from specmd import default_model_path
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[2]
+PTH = REPO / "specmd" / "eval_tasks" / "specmd-lm-eval.pth"
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +66,27 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def lm_eval_script(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    """The `lm_eval` script beside this interpreter, and an environment where specmd's .pth hook is active.
+
+    An install (`pip install -e .`, as `make test` does) has put the hook in site-packages. A source tree
+    used through PYTHONPATH has not: then the same file is given to the script through the user site
+    directory, which Python reads .pth files from just the same.
+    """
+    script = shutil.which("lm_eval", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.fail(f"no lm_eval console script beside {sys.executable}: install specmd's eval extra")
+    installed = [*site.getsitepackages(), site.getusersitepackages()]
+    if any((Path(directory) / PTH.name).is_file() for directory in installed):
+        return script, offline_env
+    if not site.ENABLE_USER_SITE:
+        pytest.skip("specmd-lm-eval.pth is not installed here and the user site is disabled: pip install -e .")
+    base = tmp_path_factory.mktemp("userbase")
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    user_site = base / "lib" / version / "site-packages"
+    user_site.mkdir(parents=True)
+    shutil.copy(PTH, user_site / PTH.name)
+    return script, offline_env | {"PYTHONUSERBASE": str(base)}

@@ -4,18 +4,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import site
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from specmd.eval_tasks import TASK_DIR
 
-REPO = Path(__file__).resolve().parents[2]
-PTH = REPO / "specmd" / "eval_tasks" / "specmd-lm-eval.pth"
 TASKS = ("specmd_gsm8k", "specmd_truthfulqa_gen", "specmd_nq_open")
 SCORES = {
     "specmd_gsm8k": ("exact_match,strict-match", "exact_match,flexible-extract"),
@@ -24,30 +19,6 @@ SCORES = {
 }
 CACHE_METRICS = ("hit_rate", "collision_misses", "ttft_s", "wall_ttft_s", "tokens_per_s", "wall_tokens_per_s",
                  "stall_s", "bytes_transferred", "requests", "hits", "misses", "late_prefetches")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def lm_eval_script(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
-    """The `lm_eval` script beside this interpreter, and an environment where specmd's .pth hook is active.
-
-    An install (`pip install -e .`, as `make test` does) has put the hook in site-packages. A source tree
-    used through PYTHONPATH has not: then the same file is given to the script through the user site
-    directory, which Python reads .pth files from just the same.
-    """
-    script = shutil.which("lm_eval", path=str(Path(sys.executable).parent))
-    if script is None:
-        pytest.fail(f"no lm_eval console script beside {sys.executable}: install specmd's eval extra")
-    installed = [*site.getsitepackages(), site.getusersitepackages()]
-    if any((Path(directory) / PTH.name).is_file() for directory in installed):
-        return script, offline_env
-    if not site.ENABLE_USER_SITE:
-        pytest.skip("specmd-lm-eval.pth is not installed here and the user site is disabled: pip install -e .")
-    base = tmp_path_factory.mktemp("userbase")
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    user_site = base / "lib" / version / "site-packages"
-    user_site.mkdir(parents=True)
-    shutil.copy(PTH, user_site / PTH.name)
-    return script, offline_env | {"PYTHONUSERBASE": str(base)}
 
 
 class LmEvalRun:
