@@ -84,12 +84,6 @@ class OffloadHFLM(HFLM):
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None and accelerator.num_processes > 1:
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        if self.world_size != ranks.launched_processes():
-            self.model.close()
-            raise ValueError(
-                f"launched as {ranks.launched_processes()} processes, but accelerate runs {self.world_size}: "
-                "every rank would evaluate every document; check the launcher's settings (ACCELERATE_USE_CPU)"
-            )
 
     # ---- requests, one task at a time -----------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:

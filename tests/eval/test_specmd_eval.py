@@ -52,3 +52,27 @@ def test_bad_data_source_is_an_error(eval_model: Path, capsys: pytest.CaptureFix
         "error: task data source '/no/such/dir' is neither 'hub', 'fixtures' nor a directory "
         "(set by specmd_data metadata or $SPECMD_EVAL_DATA)"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-processes", "0"], "specmd eval: argument --num-processes: must be a whole number >= 1, got '0'"),
+        (["--num-processes", "two"], "specmd eval: argument --num-processes: must be a whole number >= 1, got 'two'"),
+        (["--num-processes", "2", "--device", "cuda:1"], "--device cuda:1 names one GPU, but each of the 2 processes "
+         "takes its own (rank r runs on cuda:r): pass --device cuda or --device cpu"),
+        (["--num-processes", "3", "--device", "cuda"], "--num-processes 3 needs 3 GPUs, one per rank; torch sees 1: "
+         "pass at most 1, or --device cpu"),
+    ],
+)  # fmt: skip
+def test_bad_num_processes_is_one_error_before_any_launch(
+    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"launched {a}"))
+    assert cli.main(["eval", "--tasks", "specmd_nq_open", *args]) == 2
+    assert " ".join(capsys.readouterr().err.split()).startswith(f"error: {message}")
