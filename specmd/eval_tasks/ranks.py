@@ -77,12 +77,12 @@ def aggregate(per_rank: list[TaskStats]) -> TaskStats:
     names = list(dict.fromkeys(name for stats in per_rank for name in stats))
     tasks: TaskStats = {}
     for name in names:
-        ranks = [(rank, stats[name]) for rank, stats in enumerate(per_rank) if name in stats]
-        total = combine([CacheStats(**{key: stats[key] for key in _STATS_FIELDS}) for _, stats in ranks])
+        ran = [(index, stats[name]) for index, stats in enumerate(per_rank) if name in stats]
+        total = combine([CacheStats(**{key: stats[key] for key in _STATS_FIELDS}) for _, stats in ran])
         tasks[name] = {
-            "request_type": ranks[0][1]["request_type"],
-            "lm_eval_requests": sum(stats["lm_eval_requests"] for _, stats in ranks),
+            "request_type": ran[0][1]["request_type"],
+            "lm_eval_requests": sum(stats["lm_eval_requests"] for _, stats in ran),
             **total.to_dict(),
-            "per_rank": [{"rank": rank, **stats} for rank, stats in ranks],
+            "per_rank": [{"rank": index, **stats} for index, stats in ran],
         }
     return tasks
