@@ -175,13 +175,12 @@ def combine(parts: Sequence[CacheStats]) -> CacheStats:
             for name in _SUMMED:
                 setattr(counters, name, getattr(counters, name) + layer[name])
         recorder.fetches_by_precision.update(part.fetches_by_precision)
-        prefill_s = part.ttft_s * part.prefill_passes
         recorder.prefill_passes += part.prefill_passes
-        recorder.prefill_s += prefill_s
+        recorder.prefill_s += part.ttft_s * part.prefill_passes
         recorder.prefill_wall_s += part.wall_ttft_s * part.prefill_passes
         recorder.decode_passes += part.decode_passes
         recorder.decode_tokens += part.decode_tokens
-        recorder.decode_s += part.emulated_time_s - prefill_s
+        recorder.decode_s += _ratio(part.decode_tokens, part.tokens_per_s)
         recorder.decode_wall_s += _ratio(part.decode_tokens, part.wall_tokens_per_s)
     return recorder.snapshot(
         max(part.peak_resident_bytes for part in parts), max(part.capacity_bytes for part in parts)
