@@ -8,6 +8,7 @@ specmd warns (`warn_stale`).
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import warnings
@@ -48,10 +49,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder
 def stale_extensions(modules: Iterable[str] = MODULES, root: str = ROOT) -> list[str]:
     """The extension files of `modules` under `root` older than the .py file beside them, which they shadow.
 
-    Only in a checkout (an in-place build): an installer writes the files of a wheel in any order. Looks at the
-    files only (nothing is imported), so importing specmd stays cheap.
+    Only in a checkout (an in-place build), not where an installer put specmd (its .dist-info is beside it): an
+    installer writes the files of a wheel in any order. Looks at the files only (nothing is imported), so
+    importing specmd stays cheap.
     """
-    if os.path.basename(root) in ("site-packages", "dist-packages"):
+    if glob.glob(os.path.join(glob.escape(root), "specmd-*.dist-info")):
         return []
     stale = []
     for name in modules:
@@ -69,7 +71,7 @@ def warn_stale() -> None:
     stale = stale_extensions()
     if stale:
         warnings.warn(
-            f"{len(stale)} compiled specmd modules are older than their .py files and run instead of them "
+            f"{len(stale)} of specmd's compiled modules are older than their .py files and run instead of them "
             f"({stale[0]}, ...): rebuild them (SPECMD_COMPILE=1 python setup.py build_ext --inplace) or remove "
             "them (make clean-compiled)",
             RuntimeWarning,
