@@ -8,7 +8,9 @@ Two grids, each swept by both backends in alternating rounds (the CSV rows of th
   a row's wall time is the backend's own cost per run: the difference is what Ray adds per task.
 
 Prints rows/s per backend and round, Ray's start-up (ray.init, and the first sweep that starts its workers),
-and the per-task overhead, from which the grid size at which a cluster pays follows.
+the per-task overhead, and from these the grid size at which a cluster of C CPUs pays: the rows n for which
+n x t / c > start-up + n x (t + overhead) / C (t: one replay's CPU time here, c: this machine's CPUs; it
+assumes the cluster's CPUs as fast as these and ignores the network).
 
     python benchmarks/sweep_backends.py [--tokens 64] [--traces 4] [--rounds 2]
 """
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -81,10 +83,11 @@ def main() -> None:
               f"{requests:,} requests in all); tiny grid: {len(tiny.runs())} replays of 1 token")  # fmt: skip
         start = time.perf_counter()
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-        print(f"ray.init (a new local instance): {time.perf_counter() - start:.2f} s")
+        init_s = time.perf_counter() - start
+        print(f"ray.init (a new local instance): {init_s:.2f} s")
         warm = SweepGrid(traces=(tiny_traces[0],), policies=POLICIES[:1], cache_fracs=(0.5,), baselines=False)
-        first = timed_sweep(warm, folder / "w.csv", "ray", cpus)
-        print(f"first Ray sweep (1 tiny run, its workers starting): {first:.2f} s")
+        first_s = timed_sweep(warm, folder / "w.csv", "ray", cpus)
+        print(f"first Ray sweep (1 tiny run, its workers starting): {first_s:.2f} s")
         try:
             real_s = compare("real", real, folder, args.rounds, cpus)
             tiny_s = compare("tiny", tiny, folder, args.rounds, cpus)
@@ -98,9 +101,19 @@ def main() -> None:
         local, on_ray = runs / best[name]["local"], runs / best[name]["ray"]
         print(f"{name:6}{local:>14.1f}{on_ray:>12.1f}{on_ray / local:>11.2f}")
     per_task = (best["tiny"]["ray"] - best["tiny"]["local"]) / runs * cpus  # CPU-seconds Ray adds per task
-    replay = statistics.median(best["real"].values()) / runs * cpus  # CPU-seconds of one real replay
-    print(f"Ray's cost per task beyond the local pool's: {per_task * 1e3:.1f} ms of a CPU "
-          f"(one real replay here: {replay * 1e3:.0f} ms of a CPU)")  # fmt: skip
+    replay = {name: best[name]["local"] / runs * cpus for name in ("real", "tiny")}  # CPU-seconds of one replay
+    startup = init_s + first_s
+    print(
+        f"Ray's cost per task beyond the local pool's: {per_task * 1e3:.1f} ms of a CPU; one replay takes "
+        f"{replay['real'] * 1e3:.0f} ms (real) and {replay['tiny'] * 1e3:.0f} ms (tiny) of a CPU in the pool"
+    )
+    print(f"Ray's start-up here: {startup:.1f} s (a new local instance and its first workers)")
+    print(f"Grid size from which a cluster of C CPUs beats this machine's pool of {cpus}, with that start-up, "
+          "the per-task cost above and this machine's speed per CPU:")  # fmt: skip
+    print(f"{'C':>6}" + "".join(f"{name + ' replays':>16}" for name in replay))
+    for cluster in (4, 16, 64, 256):
+        gains = {name: t / cpus - (t + per_task) / cluster for name, t in replay.items()}  # seconds saved per row
+        print(f"{cluster:>6}" + "".join(f"{math.ceil(startup / g) if g > 0 else 'never':>16}" for g in gains.values()))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +116,7 @@ class Cluster:
         from specmd.sim.sweep import _trace
 
         ray = self.ray
-        traces = {path: ray.put(_trace(path)) for path in dict.fromkeys(run.trace for run in runs)}
+        traces = {path: ray.put(_shippable(_trace(path))) for path in dict.fromkeys(run.trace for run in runs)}
         plugins = loaded_plugins()
         task = ray.remote(_replay).options(num_cpus=1, max_retries=RETRIES)
         # A trace's reference goes in a list, so that Ray hands the task the reference, not the decoded trace.
@@ -131,6 +132,12 @@ class Cluster:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
+
+
+def _shippable(trace: Trace) -> Trace:
+    """`trace` without its replay view, which holds objects of the compiled engine (they do not unpickle); each
+    worker builds the view once, for all its runs of the trace."""
+    return replace(trace, _passes={})
 
 
 def _plugin_packages(plugins: Sequence[str]) -> list[ModuleType]:
