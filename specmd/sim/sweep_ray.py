@@ -124,8 +124,16 @@ class Cluster:
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=REFRESH_S)
-                for ref in ready:
-                    yield ray.get(ref)
+                failed: Exception | None = None
+                for ref in ready:  # the rows of runs that finished beside a failed one still count
+                    try:
+                        row = ray.get(ref)
+                    except Exception as exc:
+                        failed = failed or exc
+                        continue
+                    yield row
+                if failed is not None:
+                    raise failed
                 if bar is not None:
                     bar.set_postfix_str(self.cpus_in_use())
         except BaseException:
