@@ -26,6 +26,7 @@ test: lint
 # The same suite against the engine compiled with mypyc (setup.py, SPECMD_COMPILE=1), built in place and removed
 # afterwards so the checkout runs its .py files again. mypyc's shared runtime module lands at the checkout's root
 # (a wheel puts it in site-packages), so PYTHONPATH lets the console script's subprocesses import it too.
+# mypy as pyproject.toml's [build-system] pins it (a build compiles the engine where it can; see README)
 MYPY_VERSION ?= 2.4.1
 test-compiled: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet mypy==$(MYPY_VERSION)

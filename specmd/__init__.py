@@ -7,10 +7,14 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from specmd.compiled import warn_stale
+
 try:
     __version__ = version("specmd")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
+
+warn_stale()  # a compiled module built in place must not silently run instead of an edited .py file
 
 # Model classes pull in transformers (seconds to import); load them on first use only.
 _LAZY = {

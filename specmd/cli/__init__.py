@@ -51,11 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: no traceback (a sweep says how to resume itself)
         err.print("interrupted", style="red", highlight=False)
         return 130
-    except ImportError as exc:  # a precision's missing optional library (the message names the extra), a plugin
+    except ImportError as exc:  # a missing optional library (the message names the extra), a plugin
         from specmd.cache.policies.plugins import PluginError
         from specmd.quant.formats import MissingBackendError
+        from specmd.sim.sweep_ray import MissingExtraError
 
-        if not isinstance(exc, MissingBackendError | PluginError):
+        if not isinstance(exc, MissingBackendError | MissingExtraError | PluginError):
             raise
         return _user_error(exc)
 

@@ -120,7 +120,16 @@ def _add_sweep(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sweep.add_argument(
         "--out", type=options.output_file, required=True, help="results CSV (existing rows are kept and skipped)"
     )
-    options.add_jobs(sweep)
+    options.add_jobs(sweep, "worker processes of the local backend (default: one per core)")
+    sweep.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        help="where the runs go: a local process pool (the default) or a Ray cluster (needs specmd[ray])",
+    )
+    sweep.add_argument(
+        "--address",
+        help="the Ray cluster: HOST:PORT, ray://HOST:PORT or 'auto' (default: RAY_ADDRESS, else a new local one)",
+    )
     options.add_json(sweep, "print a JSON summary instead of text")
     sweep.set_defaults(func=cmd_sweep)
 
@@ -148,7 +157,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid = SweepGrid(**{**grid.__dict__, "baselines": False})
     shapes = {name: options.priced_as(name) for name in grid.shape_from if name}
     try:
-        rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json, shapes=shapes)
+        rows = sweep(grid, args.out, jobs=args.jobs, progress=not args.json, shapes=shapes, backend=args.backend,
+                     address=args.address)  # fmt: skip
     except SweepInterrupted as stop:
         cli.err.print(
             f"interrupted: {stop.done} of {stop.total} runs are in {stop.path}; run the same command again to "

@@ -11,6 +11,9 @@ crash (kill -9, a full disk) can tear only the row being written. Reading finds 
 line end, a field missing, a number or JSON cut short): `read_results` leaves it out and a resumed sweep cuts
 it off, each with a one-line notice, so it runs again. Ctrl-C stops a parallel sweep at once: the runs in
 flight are dropped, their workers terminated, and `SweepInterrupted` says how far it got.
+
+The runs go to a local process pool (backend "local", the default) or to a Ray cluster (backend "ray",
+`specmd.sim.sweep_ray`); either way this process writes the rows, so the CSV is the same and resumes the same.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import closing, contextmanager, suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import product
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -47,6 +50,7 @@ from specmd.sim.trace import Trace, load_trace
 BELADY = "none/belady/fetch/standard"
 UNBOUNDED = "none/lru/fetch/standard"
 NATIVE = "native"
+BACKENDS = ("local", "ray")
 
 KEY_COLUMNS = ["trace_sha256", "policy", "cache_frac", "bandwidth_gbps", "hardware", "shape_from"]
 STAT_COLUMNS = [f.name for f in fields(CacheStats)]
@@ -96,6 +100,8 @@ class SweepGrid:
         hardware: hardware profile names.
         shape_from: models to price the traces as ("" = as recorded); `sweep` is given their layouts.
         baselines: add Belady and the unbounded cache.
+        backend: where the runs go: "local" (a process pool) or "ray" (a Ray cluster).
+        address: the Ray cluster's address (None: `RAY_ADDRESS`, else a new local one); only for "ray".
     """
 
     traces: tuple[str, ...]
@@ -105,6 +111,8 @@ class SweepGrid:
     hardware: tuple[str, ...] = (DEFAULT_HARDWARE,)
     shape_from: tuple[str, ...] = ("",)
     baselines: bool = True
+    backend: str = "local"
+    address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("traces", "policies", "cache_fracs", "bandwidths", "hardware", "shape_from"):
@@ -117,17 +125,23 @@ class SweepGrid:
             (f, b, h) for f in self.cache_fracs for b in self.bandwidths for h in self.hardware
         ):
             cache_config.CacheConfig(cache_frac=frac, bandwidth_gbps=bandwidth, hardware=hardware)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown sweep backend {self.backend!r}; the backends are {', '.join(BACKENDS)}")
+        if self.address is not None and self.backend != "ray":
+            raise ValueError(f"a Ray address ({self.address!r}) is for the ray backend, not {self.backend!r}")
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> SweepGrid:
-        """Read a grid file (keys: traces, policies, cache_frac, bandwidth_gbps, hardware, shape_from, baselines)."""
+        """Read a grid file (keys: traces, policies, cache_frac, bandwidth_gbps, hardware, shape_from, baselines,
+        backend, address); `overrides` (the fields' names) replace what the file says."""
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # pragma: no cover
             import tomli as tomllib
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
-        known = {"traces", "policies", "cache_frac", "bandwidth_gbps", "hardware", "shape_from", "baselines"}
+        known = {"traces", "policies", "cache_frac", "bandwidth_gbps", "hardware", "shape_from", "baselines",
+                 "backend", "address"}  # fmt: skip
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown key {unknown[0]!r}; a grid has {', '.join(sorted(known))}")
@@ -139,6 +153,8 @@ class SweepGrid:
             "hardware": data.get("hardware", (DEFAULT_HARDWARE,)),
             "shape_from": data.get("shape_from", ("",)),
             "baselines": data.get("baselines", True),
+            "backend": data.get("backend", "local"),
+            "address": data.get("address"),
         }
         values.update({k: v for k, v in overrides.items() if v})
         return cls(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in values.items()})
@@ -188,7 +204,11 @@ def _trace(path: str) -> Trace:
 
 def run_one(run: Run, price_as: ExpertLayout | None = None) -> dict[str, Any]:
     """Replay one run (its trace priced as `price_as`'s model when given, for `run.shape_from`); its CSV row."""
-    trace = _trace(run.trace)
+    return replay_run(run, _trace(run.trace), price_as)
+
+
+def replay_run(run: Run, trace: Trace, price_as: ExpertLayout | None = None) -> dict[str, Any]:
+    """`run_one` with the trace of `run.trace` given (a Ray worker has it from the object store)."""
     config = cache_config.CacheConfig(
         cache_frac=run.cache_frac, policy=run.policy, bandwidth_gbps=run.bandwidth_gbps, hardware=run.hardware
     )
@@ -358,12 +378,20 @@ def sweep(
     jobs: int | None = None,
     progress: bool = True,
     shapes: Mapping[str, ExpertLayout] | None = None,
+    backend: str | None = None,
+    address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every run of `grid` not already in the CSV `out`, appending a row as each finishes.
 
-    Returns the new rows. `jobs` worker processes (default: one per core) share the work. `shapes` gives the
-    layout of each model the grid's `shape_from` names (`specmd.offload_models.info.expert_layout`).
+    Returns the new rows. `backend` and `address` replace the grid's (`SweepGrid.backend`, `.address`). On the
+    local backend `jobs` worker processes (default: one per core) share the work; on "ray" every run is a task
+    on the cluster's CPUs (`specmd.sim.sweep_ray`). `shapes` gives the layout of each model the grid's
+    `shape_from` names (`specmd.offload_models.info.expert_layout`).
     """
+    if backend is not None or address is not None:
+        grid = replace(grid, backend=backend or grid.backend, address=address or grid.address)
+    if grid.backend != "local" and jobs is not None:
+        raise ValueError(f"jobs ({jobs}) is for the local backend; on {grid.backend} each run takes one cluster CPU")
     shapes = dict(shapes or {})
     unknown = sorted(name for name in grid.shape_from if name and name not in shapes)
     if unknown:
@@ -380,21 +408,40 @@ def sweep(
             todo.append(run)
     _refuse_unreplayable(todo, shapes)
     new_rows: list[dict[str, Any]] = []
-    results = _ResultsFile(target)
-    bar = tqdm(total=len(todo), desc="specmd sweep", unit="run", disable=not progress)
-    try:
-        with closing(_execute(todo, jobs, shapes)) as finished:  # closing it stops the workers
-            for row in finished:
-                with _sigint_held():  # a row is written whole and counted, or neither
-                    results.write(row)
-                    new_rows.append(row)
-                    bar.update()
-    except KeyboardInterrupt:
-        raise SweepInterrupted(target, len(runs) - len(todo) + len(new_rows), len(runs)) from None
-    finally:
-        bar.close()
-        results.close()
+    with _executor(grid.backend if todo else "local", grid.address, jobs, shapes) as execute:  # connects first
+        results = _ResultsFile(target)
+        bar = tqdm(total=len(todo), desc="specmd sweep", unit="run", disable=not progress)
+        try:
+            with closing(execute(todo, bar)) as finished:  # closing it stops the workers
+                for row in finished:
+                    with _sigint_held():  # a row is written whole and counted, or neither
+                        results.write(row)
+                        new_rows.append(row)
+                        bar.update()
+        except KeyboardInterrupt:
+            raise SweepInterrupted(target, len(runs) - len(todo) + len(new_rows), len(runs)) from None
+        finally:
+            bar.close()
+            results.close()
     return new_rows
+
+
+Execute = Callable[[Sequence["Run"], tqdm], Iterator[dict[str, Any]]]
+
+
+@contextmanager
+def _executor(
+    backend: str, address: str | None, jobs: int | None, shapes: Mapping[str, ExpertLayout]
+) -> Iterator[Execute]:
+    """What runs a sweep's runs on `backend`, yielding each one's row as it finishes. Ray's is connected before
+    anything is written, so a cluster that cannot be reached leaves the CSV as it was (with no work, none is)."""
+    if backend == "local":
+        yield lambda runs, bar: _execute(runs, jobs, shapes)
+        return
+    from specmd.sim import sweep_ray
+
+    with sweep_ray.connected(address) as cluster:
+        yield lambda runs, bar: cluster.execute(runs, shapes, bar)
 
 
 def _refuse_unreplayable(runs: Sequence[Run], shapes: Mapping[str, ExpertLayout]) -> None:

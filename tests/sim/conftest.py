@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,14 @@ def _logit_row(rng: random.Random, experts: int, chosen: tuple[int, ...]) -> lis
     for rank, expert in enumerate(chosen):
         row[expert] = 4.0 + len(chosen) - rank + rng.random() * 0.5
     return row
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """The address of a local Ray cluster of 2 CPUs, started once for the whole session (it takes seconds) and
+    stopped after it. Each sweep connects to it as a new Ray job, as `specmd sweep --address` does."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    yield cluster.address
+    cluster.shutdown()
