@@ -60,6 +60,34 @@ def test_disk_is_bit_identical_to_stock_eager(checkpoint: Path, stock: OlmoeForC
         assert model.cache_stats().bytes_transferred > 0
 
 
+@pytest.mark.parametrize("policy", ["none/lru/fetch/standard", "topk:overfetch=2/ls/fetch/standard"])
+@pytest.mark.parametrize(
+    "host", [{"host_cache_frac": 0.3}, {"host_cache_bytes": 8 * EXPERT_BYTES, "host_eviction": "lfu"}]
+)
+def test_a_host_ram_tier_is_bit_identical_and_serves_experts_from_ram(  # type: ignore[no-untyped-def]
+    checkpoint: Path, stock: OlmoeForCausalLM, host, policy
+) -> None:
+    with load(checkpoint, policy=policy, cache_bytes=2 * EXPERT_BYTES, **host) as model, torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, stock(PROMPT).logits)
+        assert torch.equal(greedy(model, PROMPT), greedy(stock, PROMPT))
+        real = BATCH_MASK.bool()
+        assert torch.equal(
+            model(BATCH, attention_mask=BATCH_MASK).logits[real], stock(BATCH, attention_mask=BATCH_MASK).logits[real]
+        )
+        stats = model.cache_stats()
+        assert stats.host_hits > 0 and stats.host_misses > 0 and stats.disk_bytes_read < stats.bytes_transferred
+        host_tier = model._specmd.manager.path.host  # type: ignore[union-attr]
+        assert stats.peak_host_resident_bytes <= stats.host_capacity_bytes == host_tier.capacity_bytes
+
+
+def test_a_host_tier_larger_than_this_machine_is_refused_before_loading(checkpoint: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 2)  # an 8 KiB machine
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match=r"would hold \d+ B of experts, more than this machine's 8192 B of memory"):
+        load(checkpoint, host_cache_frac=0.5)
+    assert set(threading.enumerate()) <= before
+
+
 @pytest.mark.parametrize("layout", ["legacy", "fused", "sharded"])
 def test_disk_bf16_from_fp32_files_casts_as_transformers_does(checkpoints: dict[str, Path], layout: str) -> None:
     legacy = checkpoints["legacy"]
