@@ -323,7 +323,7 @@ class OffloadMixin:
         watchdog = None
         try:
             arena = SlotArena(real(manager.cache.capacity_bytes), real_bytes.values(), device)
-            watchdog = Watchdog()
+            watchdog = Watchdog(threads=getattr(store, "readers", 1))  # queue depth where the tier needs it
             host = None
             if host_bytes is not None:
                 host_arena = SlotArena(host_bytes, real_bytes.values(), "cpu", pin=device.type == "cuda")

@@ -124,6 +124,34 @@ def test_an_expert_larger_than_a_chunk_is_read_with_several_requests_in_flight(
     assert reading_threads() == []  # joined on close
 
 
+def test_several_experts_are_read_at_once(checkpoint: Path, stock: OlmoeForCausalLM, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The transfer threads read up to READ_EXPERTS experts at once (a slowed read makes their overlap visible),
+    straight into their CPU slots or host-tier blocks, and the logits stay exact."""
+    reading: set[str] = set()
+    most = [0]
+    lock = threading.Lock()
+    read = disk._File.read
+
+    def slow_read(self, dst, start, what):  # type: ignore[no-untyped-def]
+        with lock:
+            reading.add(what)
+            most[0] = max(most[0], len(reading))
+        try:
+            threading.Event().wait(0.02)
+            read(self, dst, start, what)
+        finally:
+            with lock:
+                reading.discard(what)
+
+    monkeypatch.setattr(disk._File, "read", slow_read)
+    for host in ({}, {"host_cache_frac": 0.5}):
+        most[0] = 0
+        with load(checkpoint, cache_frac=0.5, **host) as model, torch.no_grad():
+            assert len([t for t in threading.enumerate() if t.name.startswith("specmd-watchdog")]) == disk.READ_EXPERTS
+            assert torch.equal(model(PROMPT).logits, stock(PROMPT).logits)
+        assert 1 < most[0] <= disk.READ_EXPERTS + 1  # the transfer threads, and the main thread taking one over
+
+
 def test_no_expert_is_held_in_ram(checkpoint: Path) -> None:
     """Direct accounting: the tier holds file handles and byte ranges, never expert bytes; a CPU cache at the
     checkpoint's dtype is read into straight, with no staging at all."""

@@ -95,6 +95,11 @@ class HostTier:
         self.arena.clear()
 
     # ---- the store the fast tier reads -----------------------------------------------------------
+    @property
+    def readers(self) -> int:
+        """As many as the tier below reads at once."""
+        return getattr(self.store, "readers", 1)
+
     def nbytes(self, key: ExpertKey) -> int:
         return self.store.nbytes(key)
 
