@@ -107,6 +107,16 @@ def bad_config(folder: Path, **changes: object) -> Path:
         (["generate", "default", "--prompt", "-", "--prompt", "-"], ["--prompt - reads all of standard input", "once"]),
         (["generate", "default", "--prompts", "/no/such/prompts.txt"], ["No such file", "/no/such/prompts.txt"]),
         (["no-such-command"], ["invalid choice: 'no-such-command'"]),
+        (["generate", "default", "--prompt", "x", "--storage", "disk", "--disk", "floppy"],
+         ["--disk: must be one of nvme3, nvme4, nvme5, sata, profile or native, got 'floppy'"]),
+        (["demo", "--storage", "disk", "--host-cache-frac", "1.5"],
+         ["--host-cache-frac: must be a number with 0 < value <= 1, got '1.5'"]),
+        (["trace", "default", "--prompts", "p.txt", "--out", "t.jsonl", "--host-cache-bytes", "-5"],
+         ["--host-cache-bytes: must be a positive whole number of bytes"]),
+        (["replay", "t.jsonl", "--policy", "config1", "--cache-frac", "0.1", "--host-cache-frac", "0.5",
+          "--host-cache-bytes", "1GB"], ["argument --host-cache-bytes: not allowed with argument --host-cache-frac"]),
+        (["sweep", "t.jsonl", "--policy", "config1", "--cache-frac", "0.1", "--out", "r.csv", "--disk", "nvme9"],
+         ["--disk: must be one of nvme3"]),
     ],
 )  # fmt: skip
 def test_a_bad_argument_is_one_line_before_anything_loads(

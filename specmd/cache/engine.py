@@ -20,16 +20,18 @@ class Entry:
 
     ``ready_at`` is the emulated time its transfer completes (it is in flight before then);
     ``prefetch_pass`` is the pass it was prefetched for, until a request of its layer in that pass uses it
-    (0 otherwise: passes count from 1).
+    (0 otherwise: passes count from 1); ``disk_until`` is when the part of its transfer that reads the disk ends
+    (0.0 when it read none).
     """
 
-    __slots__ = ("nbytes", "pins", "prefetch_pass", "ready_at")
+    __slots__ = ("disk_until", "nbytes", "pins", "prefetch_pass", "ready_at")
 
     def __init__(self, nbytes: int, ready_at: float, pins: int = 0, prefetch_pass: int = 0) -> None:
         self.nbytes = nbytes
         self.ready_at = ready_at
         self.pins = pins
         self.prefetch_pass = prefetch_pass
+        self.disk_until = 0.0
 
 
 class CacheListener(Protocol):
@@ -266,6 +268,14 @@ class ExpertCache:
         if self.listener is not None:
             self.listener.on_load(key)
         return entry
+
+    def hold_until(self, key: ExpertKey, time_s: float) -> None:
+        """Keep resident `key` from eviction until emulated `time_s`, as if in flight (its bytes are being read out)."""
+        entry = self._entries[key]
+        if time_s > entry.ready_at:
+            entry.ready_at = time_s
+            if not entry.pins:
+                heapq.heappush(self._arrivals, (time_s, key))
 
     def warm(self, keys: Iterable[ExpertKey] | None = None) -> int:
         """Preload `keys` (default: the catalog, layer by layer) while they fit without evicting.

@@ -6,9 +6,11 @@ from specmd.cache.clock import ComputeModel, RooflineCompute, WallClock, ZeroCom
 from specmd.cache.config import CacheConfig
 from specmd.cache.engine import ExpertCache
 from specmd.cache.layout import ExpertLayout
+from specmd.cache.link import EmulatedLink
 from specmd.cache.manager import CacheManager
 from specmd.cache.policies.base import Future
-from specmd.cache.policies.spec import KINDS
+from specmd.cache.policies.spec import KINDS, PolicyChoice
+from specmd.cache.tiers import DiskPath
 
 
 def compute_model(layout: ExpertLayout, config: CacheConfig) -> ComputeModel:
@@ -48,4 +50,19 @@ def build_manager(
     policies.eviction.bind_layout(layout)
     cache = ExpertCache(capacity, policies.eviction, layout.expert_bytes, layout.catalog())
     compute = None if measured_compute else compute_model(layout, config)
-    return CacheManager(cache, policies, config.link(), compute, layout, wall=wall)
+    link = config.link()
+    return CacheManager(cache, policies, link, compute, layout, path=disk_path(layout, config, link), wall=wall)
+
+
+def disk_path(layout: ExpertLayout, config: CacheConfig, link: EmulatedLink) -> DiskPath | None:
+    """With experts on disk, the disk link and the host-RAM tier (if `config` sizes one) feeding `link`; else None."""
+    disk = config.disk_link()
+    if disk is None:
+        return None
+    host_capacity = config.host_capacity_bytes(layout)
+    if host_capacity is None:
+        return DiskPath(link, disk, None)
+    choice: PolicyChoice = config.host_eviction  # type: ignore[assignment]
+    eviction = choice.build("eviction")
+    eviction.bind_layout(layout)
+    return DiskPath(link, disk, ExpertCache(host_capacity, eviction, layout.expert_bytes, layout.catalog()))

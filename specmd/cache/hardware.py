@@ -1,7 +1,9 @@
 """Hardware profiles: the target machine the emulated clock prices compute and transfers for.
 
 Each figure says where it comes from. Compute peaks are dense (no sparsity) tensor-core rates for
-16-bit floats; memory bandwidth is the vendor's peak; link figures are host-to-device.
+16-bit floats; memory bandwidth is the vendor's peak; link figures are host-to-device. Disk profiles
+(`DISKS`) price the disk-to-host link of experts stored on disk (`storage="disk"`): each drive's
+sequential read rate from its vendor's datasheet.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class HardwareProfile:
         source: where the figures come from.
         layer_overhead_us: fixed time each decoder layer takes per pass on top of its roofline (kernel launches,
             framework and host overheads a real system has); 0 for an ideal machine, set by `calibrate`.
+        disk: the drive (a `DISKS` name) experts stored on disk are read from (used when a run asks for disk
+            "profile").
     """
 
     name: str
@@ -37,6 +41,7 @@ class HardwareProfile:
     link_latency_us: float
     source: str
     layer_overhead_us: float = 0.0
+    disk: str = "nvme4"
 
     @property
     def peak_flops(self) -> float:
@@ -136,6 +141,83 @@ PROFILES: dict[str, HardwareProfile] = {
 }
 
 DEFAULT_HARDWARE = "a100"
+
+
+@dataclass(frozen=True)
+class DiskProfile:
+    """A drive experts are read from: one read at a time, each taking ``latency + bytes / bandwidth``.
+
+    Attributes:
+        name: registry name.
+        description: what drive this is.
+        read_bandwidth_gbps: sequential read rate, GB/s (1e9 bytes/s).
+        read_latency_us: fixed cost of one read (one expert), microseconds.
+        source: where the figures come from.
+    """
+
+    name: str
+    description: str
+    read_bandwidth_gbps: float
+    read_latency_us: float
+    source: str
+
+    @property
+    def read_latency_s(self) -> float:
+        return self.read_latency_us * 1e-6
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_DISK_LATENCY_NOTE = (
+    "The per-read latency is an assumed order of magnitude (datasheets give queue-depth-1 random 4 KB reads in the "
+    "tens of microseconds for NVMe drives, about a hundred for SATA); an expert's megabytes make it small beside "
+    "the transfer."
+)
+
+DISKS: dict[str, DiskProfile] = {
+    disk.name: disk
+    for disk in (
+        DiskProfile(
+            name="nvme3",
+            description="an NVMe PCIe 3.0 x4 SSD: Samsung 970 EVO Plus",
+            read_bandwidth_gbps=3.5,
+            read_latency_us=50.0,
+            source="Samsung 970 EVO Plus datasheet: sequential read up to 3,500 MB/s (PCIe 3.0 x4, NVMe 1.3). "
+            + _DISK_LATENCY_NOTE,
+        ),
+        DiskProfile(
+            name="nvme4",
+            description="an NVMe PCIe 4.0 x4 SSD: Samsung 990 PRO",
+            read_bandwidth_gbps=7.45,
+            read_latency_us=50.0,
+            source="Samsung 990 PRO datasheet: sequential read up to 7,450 MB/s (PCIe 4.0 x4, NVMe 2.0). "
+            + _DISK_LATENCY_NOTE,
+        ),
+        DiskProfile(
+            name="nvme5",
+            description="an NVMe PCIe 5.0 x4 SSD: Crucial T705",
+            read_bandwidth_gbps=14.5,
+            read_latency_us=50.0,
+            source="Crucial T705 product flyer: sequential read up to 14,500 MB/s (2 TB and 4 TB models, PCIe 5.0 x4). "
+            + _DISK_LATENCY_NOTE,
+        ),
+        DiskProfile(
+            name="sata",
+            description="a SATA 6 Gb/s SSD: Samsung 870 EVO",
+            read_bandwidth_gbps=0.56,
+            read_latency_us=100.0,
+            source="Samsung 870 EVO datasheet: sequential read up to 560 MB/s (SATA 6 Gb/s). " + _DISK_LATENCY_NOTE,
+        ),
+    )
+}
+
+
+def get_disk(name: str) -> DiskProfile:
+    """The disk profile registered as `name`; anything else is a ValueError listing the disks."""
+    if name not in DISKS:
+        raise ValueError(f"unknown disk profile {name!r}; available: {', '.join(DISKS)}")
+    return DISKS[name]
 
 
 def get_profile(name: str) -> HardwareProfile:

@@ -33,6 +33,7 @@ from specmd.cache.link import EmulatedLink
 from specmd.cache.policies.base import Drop, Fetch, MissAction, MissContext, Routed, RoutePrediction, Substitute
 from specmd.cache.policies.spec import Policies
 from specmd.cache.stats import CacheStats, StatsRecorder
+from specmd.cache.tiers import DiskPath
 
 _NO_ROUTING: Mapping[int, Routed] = MappingProxyType({})  # a miss context's routing when no policy reads it
 
@@ -70,8 +71,9 @@ class Payload(CacheListener, Protocol):
 class _Tally:
     """One layer's counts, kept while it is served and added to the stats at its end (none if it raises)."""
 
-    __slots__ = ("collisions", "collisions_prefetched", "drops", "fetched", "fetched_bytes", "fetched_other", "hits",
-                 "late", "misses", "stall", "substitutions", "used")  # fmt: skip
+    __slots__ = ("collisions", "collisions_prefetched", "disk_bytes_read", "disk_stall", "drops", "fetched",
+                 "fetched_bytes", "fetched_other", "hits", "host_hits", "host_misses", "late", "misses", "stall",
+                 "substitutions", "used")  # fmt: skip
 
     def __init__(self) -> None:
         self.hits = self.late = self.misses = self.collisions = self.collisions_prefetched = self.used = 0
@@ -80,14 +82,17 @@ class _Tally:
         self.fetched_other: dict[str, int] = {}  # demand fetches at other precisions
         self.fetched_bytes = 0
         self.stall = 0.0
+        self.host_hits = self.host_misses = self.disk_bytes_read = 0  # with experts on disk (`DiskPath`)
+        self.disk_stall = 0.0
 
 
 class CacheManager:
     """Runs forward passes layer by layer against an `ExpertCache` under the emulated clock.
 
     Call `begin_pass`, then `run_layer` for each MoE layer in order, then `end_pass`. `requests` maps
-    each expert the layer's real tokens were routed to onto how many tokens chose it. `specmd.cache.factory`
-    builds one from a layout and a config.
+    each expert the layer's real tokens were routed to onto how many tokens chose it. With experts on disk, `path`
+    brings each transferred expert from disk through the host-RAM tier (`specmd.cache.tiers`).
+    `specmd.cache.factory` builds one from a layout and a config.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class CacheManager:
         compute: ComputeModel | None,
         layout: ExpertLayout,
         *,
+        path: DiskPath | None = None,
         wall: WallClock = wall_clock,
     ) -> None:
         precision = layout.precision
@@ -106,6 +112,7 @@ class CacheManager:
         self.cache = cache
         self.policies = policies
         self.link = link
+        self.path = path
         self.compute = compute
         self.layout = layout
         self.precision = precision
@@ -114,6 +121,7 @@ class CacheManager:
         self.num_experts = layout.experts_per_layer
         self.top_k = layout.top_k
         self.payload: Payload | None = None
+        self.host_payload: CacheListener | None = None
         self.wall = wall
         self.stats = StatsRecorder(self.moe_layers)
         self.pass_idx = 0
@@ -154,12 +162,19 @@ class CacheManager:
         """Whether `run_layer` should be given `probs` (every expert's mean router probability)."""
         return self.policies.miss.needs_probs
 
-    def attach(self, payload: Payload) -> None:
-        """Drive real tensors: `payload` follows the cache's residency and computes the experts (a live model)."""
+    def attach(self, payload: Payload, host: CacheListener | None = None) -> None:
+        """Drive real tensors: `payload` follows the cache's residency and computes the experts (a live model);
+        `host` follows the host-RAM tier's (with experts on disk and a host tier)."""
         if self.cache.resident():
             raise RuntimeError("attach the payload before anything enters the cache")
+        tier = None if self.path is None else self.path.host
+        if (host is None) != (tier is None):
+            raise RuntimeError("a host-RAM tier's payload goes with a host-RAM tier, and only with one")
         self.payload = payload
         self.cache.listener = payload
+        self.host_payload = host
+        if tier is not None:
+            tier.listener = host
 
     # ---- passes --------------------------------------------------------------------------------
     def begin_pass(self, info: PassInfo) -> None:
@@ -352,14 +367,14 @@ class CacheManager:
         """The layer's event loop on the emulated clock: fetch the waiting misses as room allows, start queued
         prefetches when the link is free, compute each pinned expert once its data has landed and unpin it.
         Returns the clock when the layer's last expert is done."""
-        cache, precision, queue, link, payload, compute = (
-            self.cache, self.precision, self._queue, self.link, self.payload, self.compute
+        cache, precision, queue, link, payload, compute, path = (
+            self.cache, self.precision, self._queue, self.link, self.payload, self.compute, self.path
         )  # fmt: skip
         step, pass_idx, layer, t = tick.step, tick.pass_idx, tick.layer, tick.time_s
         cost = self._expert_cost
         own_bytes = cache.sizes[precision]
         cost_bytes, by_tokens = -1, {}  # the cost table of the last expert size met (usually the only one)
-        stall = 0.0
+        stall = disk_stall = 0.0
         waiting = 0  # pending[waiting:] still need room
         # Demand fetches land in the order they were issued (the link is FIFO, and misses wait in expert order),
         # so `landing` stays sorted like `ready`: merging the two computes experts in (ready at, expert) order.
@@ -376,8 +391,13 @@ class CacheManager:
                     break  # pinned and arriving experts fill the cache: compute some first
                 if evicted:
                     self._note_evictions(evicted)
-                finish = link.schedule(nbytes, t)
-                entry = cache.insert(key, tick, finish, pinned=True)
+                if path is None:
+                    finish = link.schedule(nbytes, t)
+                    entry = cache.insert(key, tick, finish, pinned=True)
+                else:
+                    finish, disk_until = path.transfer(key, nbytes, tick, tally, self.stats.layers)
+                    entry = cache.insert(key, tick, finish, pinned=True)
+                    entry.disk_until = disk_until
                 if key.precision == precision:
                     tally.fetched += 1
                 else:
@@ -406,6 +426,8 @@ class CacheManager:
                 next_ready += 1
             if ready_at > t:
                 stall += ready_at - t
+                if entry.disk_until > t:  # part of the wait is on the disk
+                    disk_stall += (entry.disk_until if entry.disk_until < ready_at else ready_at) - t
                 t = ready_at
             measured = payload.compute(key, job, expert) if payload is not None else 0.0
             if compute is None:
@@ -423,6 +445,7 @@ class CacheManager:
         if queue:
             self._pump(t, t, layer)
         tally.stall = stall
+        tally.disk_stall = disk_stall
         return t
 
     def _count(self, layer: int, requests: int, tally: _Tally) -> None:
@@ -439,6 +462,11 @@ class CacheManager:
         counters.substitutions += tally.substitutions
         counters.bytes_transferred += tally.fetched_bytes
         counters.stall_s += tally.stall
+        if self.path is not None:
+            counters.host_hits += tally.host_hits
+            counters.host_misses += tally.host_misses
+            counters.disk_bytes_read += tally.disk_bytes_read
+            counters.disk_stall_s += tally.disk_stall
         by_precision = self.stats.fetches_by_precision
         if tally.fetched:
             by_precision[self.precision] += tally.fetched
@@ -526,12 +554,13 @@ class CacheManager:
     def _pump(self, start_s: float, until_s: float, left: int) -> None:
         """Start queued prefetches, in order, at the times from `start_s` to `until_s` when the link is free and room
         can be made by evicting experts of layers up to `left` (those the pass has computed)."""
-        cache, queue, link = self.cache, self._queue, self.link
+        cache, queue, link, path = self.cache, self._queue, self.link, self.path
         while queue:
-            begin = link.busy_until if link.busy_until > start_s else start_s
+            key, target_pass = queue[0]
+            free = link.busy_until if path is None else path.free_at(key)
+            begin = free if free > start_s else start_s
             if begin > until_s:
                 return
-            key, target_pass = queue[0]
             if key in cache:
                 queue.popleft()
                 self._queued.discard(key)
@@ -545,10 +574,13 @@ class CacheManager:
             queue.popleft()
             self._queued.discard(key)
             self._note_evictions(evicted)
-            finish = link.schedule(nbytes, begin)
-            cache.insert(key, tick, finish, prefetch_pass=target_pass)
-            self._unused_prefetches[key] = target_pass
             counters = self.stats.layers[key.layer]
+            if path is None:
+                cache.insert(key, tick, link.schedule(nbytes, begin), prefetch_pass=target_pass)
+            else:
+                finish, disk_until = path.transfer(key, nbytes, tick, counters, self.stats.layers)
+                cache.insert(key, tick, finish, prefetch_pass=target_pass).disk_until = disk_until
+            self._unused_prefetches[key] = target_pass
             counters.prefetches_issued += 1
             counters.bytes_transferred += nbytes
             self.stats.fetches_by_precision[key.precision] += 1
@@ -562,9 +594,16 @@ class CacheManager:
     # ---- metrics -------------------------------------------------------------------------------
     def snapshot(self) -> CacheStats:
         """The counters so far."""
-        return self.stats.snapshot(self.cache.peak_resident_bytes, self.cache.capacity_bytes)
+        host = None if self.path is None else self.path.host
+        if host is None:
+            return self.stats.snapshot(self.cache.peak_resident_bytes, self.cache.capacity_bytes)
+        return self.stats.snapshot(
+            self.cache.peak_resident_bytes, self.cache.capacity_bytes, host.peak_resident_bytes, host.capacity_bytes
+        )
 
     def reset_stats(self) -> None:
         """Zero the counters; the cache keeps its contents and the clock runs on."""
         self.stats.reset()
         self.cache.reset_peak()
+        if self.path is not None:
+            self.path.reset_peak()

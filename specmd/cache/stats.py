@@ -11,6 +11,13 @@ not yet used (`collision_misses_prefetched`) or an expert resident from an earli
 prefetches issued; *recall* = requests served by a prefetch / requests. *Stall* is emulated time compute waited on
 transfers. *TTFT* is the emulated time of a prefill pass (mean over prefills); *tokens/s* is decode
 tokens / decode emulated time; the wall-clock versions sit beside them.
+
+With experts on disk, every transfer into the cache (demand fetch or prefetch) first finds the expert's
+bytes in host RAM: a *host hit* when the host-RAM tier holds them, a *host miss* when they are read from
+disk (`disk_bytes_read`; with no host tier every transfer reads the disk and neither is counted).
+`host_hit_rate` = host hits / (host hits + host misses); `host_evictions` count the host tier's own.
+*Disk stall* (`disk_stall_s`) is the part of `stall_s` compute waited on an expert whose bytes were still
+being read from disk.
 """
 
 from __future__ import annotations
@@ -43,6 +50,11 @@ class LayerCounters:
     substitutions: int = 0
     bytes_transferred: int = 0
     stall_s: float = 0.0
+    host_hits: int = 0
+    host_misses: int = 0
+    host_evictions: int = 0
+    disk_bytes_read: int = 0
+    disk_stall_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -52,6 +64,7 @@ class LayerCounters:
         data["collision_misses_stale"] = self.collision_misses - self.collision_misses_prefetched
         data["prefetch_precision"] = _ratio(self.prefetches_used, self.prefetches_issued)
         data["prefetch_recall"] = _ratio(self.prefetches_used, self.requests)
+        data["host_hit_rate"] = _ratio(self.host_hits, self.host_hits + self.host_misses)
         return data
 
 
@@ -95,6 +108,14 @@ class CacheStats:
     emulated_time_s: float
     peak_resident_bytes: int
     capacity_bytes: int
+    host_hits: int = 0
+    host_misses: int = 0
+    host_hit_rate: float = 0.0
+    host_evictions: int = 0
+    disk_bytes_read: int = 0
+    disk_stall_s: float = 0.0
+    peak_host_resident_bytes: int = 0
+    host_capacity_bytes: int = 0
     per_layer: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,7 +152,9 @@ class StatsRecorder:
             self.decode_s += emulated_s
             self.decode_wall_s += wall_s
 
-    def snapshot(self, peak_resident_bytes: int, capacity_bytes: int) -> CacheStats:
+    def snapshot(
+        self, peak_resident_bytes: int, capacity_bytes: int, peak_host_bytes: int = 0, host_capacity_bytes: int = 0
+    ) -> CacheStats:
         per_layer = [self.layers[layer] for layer in self._layer_ids]
         total = {name: sum(getattr(c, name) for c in per_layer) for name in _SUMMED}
         return CacheStats(
@@ -153,6 +176,9 @@ class StatsRecorder:
             emulated_time_s=self.prefill_s + self.decode_s,
             peak_resident_bytes=peak_resident_bytes,
             capacity_bytes=capacity_bytes,
+            host_hit_rate=_ratio(total["host_hits"], total["host_hits"] + total["host_misses"]),
+            peak_host_resident_bytes=peak_host_bytes,
+            host_capacity_bytes=host_capacity_bytes,
             per_layer=[c.to_dict() for c in per_layer],
         )
 
@@ -163,7 +189,8 @@ def combine(parts: Sequence[CacheStats]) -> CacheStats:
     Counters (requests, hits, bytes, passes, ... and every per-layer counter) are summed and every rate is
     recomputed from the sums: `hit_rate` is all hits / all requests, `ttft_s` all prefill time / all
     prefills, `tokens_per_s` all decode tokens / all decode time (a rate per cache, not the ranks' summed
-    throughput). `peak_resident_bytes` and `capacity_bytes` are each cache's own: the largest of the parts.
+    throughput). `peak_resident_bytes`, `capacity_bytes` and their host-tier counterparts are each cache's own:
+    the largest of the parts.
     Each part's prefill and decode times are recovered from its rates, so times agree to float rounding.
     """
     if not parts:
@@ -183,5 +210,8 @@ def combine(parts: Sequence[CacheStats]) -> CacheStats:
         recorder.decode_s += _ratio(part.decode_tokens, part.tokens_per_s)
         recorder.decode_wall_s += _ratio(part.decode_tokens, part.wall_tokens_per_s)
     return recorder.snapshot(
-        max(part.peak_resident_bytes for part in parts), max(part.capacity_bytes for part in parts)
+        max(part.peak_resident_bytes for part in parts),
+        max(part.capacity_bytes for part in parts),
+        max(part.peak_host_resident_bytes for part in parts),
+        max(part.host_capacity_bytes for part in parts),
     )

@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         hardware=args.hardware,
         shape_from=args.shape_from,
         expert_precisions=tuple(args.precisions.split(",")) if args.precisions else None,
-        storage=args.storage,
+        **options.storage_settings(args),
         dtype=args.dtype,
         device=args.device,
         batch_size=args.batch_size,

@@ -341,16 +341,71 @@ def add_offload_options(
     add_storage(parser)
 
 
-def add_storage(parser: argparse.ArgumentParser) -> None:
-    """--storage: the tier holding every expert's full copy (`from_pretrained`'s `storage`, which checks the name
-    against the registered tiers before anything loads)."""
+def add_storage(parser: argparse.ArgumentParser, *, replay: bool = False, many: bool = False) -> None:
+    """--storage, the tier holding every expert's full copy (`from_pretrained`'s `storage`, which checks the name
+    against the registered tiers before anything loads), and with it the host-RAM tier and the disk
+    (`storage_settings`).
+    With `many` (a sweep), lists of host-tier fractions and disks, no --host-cache-bytes, and no defaults (the
+    grid's apply).
+    """
     parser.add_argument(
         "--storage",
         metavar="{ram,disk}",
-        default="ram",
+        default=None if many else "ram",
         help="where every expert's full copy lives: ram (host memory) or disk (read from the checkpoint's files on "
-        "demand, for models larger than RAM) (default: ram)",
+        "demand, for models larger than RAM)" + (" as the emulation prices it" if replay else "") + " (default: ram)",
     )
+    host = parser.add_mutually_exclusive_group()
+    host.add_argument(
+        "--host-cache-frac",
+        type=fraction,
+        nargs="+" if many else None,
+        help="with --storage disk: a host-RAM tier between the disk and the cache holding this fraction of all expert "
+        "bytes" + ("; several are swept" if many else "") + " (default: none)",
+    )
+    if not many:
+        host.add_argument(
+            "--host-cache-bytes", type=byte_size, help="the host-RAM tier as bytes or a size such as 16GB, instead"
+        )
+    parser.add_argument(
+        "--host-eviction",
+        default=None if many else "lru",
+        help="the host-RAM tier's eviction policy, e.g. lru, lfu, fld" + ("" if many else " (default: lru)"),
+    )
+    parser.add_argument(
+        "--disk",
+        type=disk_name,
+        nargs="+" if many else None,
+        default=None if many else PROFILE,
+        help=f"with --storage disk: the drive the emulation prices reads on: {', '.join(_disks())}, profile (the "
+        "hardware profile's) or native (no emulated time) (default: profile)",
+    )
+
+
+def _disks() -> list[str]:
+    from specmd.cache.hardware import DISKS
+
+    return list(DISKS)
+
+
+def disk_name(text: str) -> str | None:
+    """A --disk value: a disk profile's name, 'profile' (the hardware's drive) or 'native' (None)."""
+    if text == NATIVE:
+        return None
+    if text != PROFILE and text not in _disks():
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(_disks())}, {PROFILE} or {NATIVE}, got {text!r}")
+    return text
+
+
+def storage_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The `add_storage` keywords of `from_pretrained` and `replay`."""
+    return {
+        "storage": args.storage,
+        "host_cache_frac": args.host_cache_frac,
+        "host_cache_bytes": args.host_cache_bytes,
+        "host_eviction": args.host_eviction,
+        "disk": args.disk,
+    }
 
 
 def load_model(args: argparse.Namespace, policy: str) -> Any:
@@ -365,7 +420,7 @@ def load_model(args: argparse.Namespace, policy: str) -> Any:
         hardware=args.hardware,
         shape_from=args.shape_from or None,
         expert_precisions=tuple(args.precisions.split(",")) if args.precisions else None,
-        storage=args.storage,
+        **storage_settings(args),
         dtype=torch_dtype(args.dtype),
         device_map={"": device(args)},
         progress=not args.json,

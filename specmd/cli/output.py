@@ -35,6 +35,13 @@ METRICS: tuple[tuple[str, Callable[[Any], str]], ...] = (
     ("wall tok/s", lambda s: _rate(s.wall_tokens_per_s)),
 )
 
+DISK_METRICS: tuple[tuple[str, Callable[[Any], str]], ...] = (
+    ("host hit rate", lambda s: f"{s.host_hit_rate:.1%}" if s.host_capacity_bytes else "no host tier"),
+    ("disk MB read", lambda s: f"{s.disk_bytes_read / 1e6:,.1f}"),
+    ("disk stall ms", lambda s: f"{s.disk_stall_s * 1e3:.1f}"),
+)
+"""Rows a run with experts on disk adds (`--storage disk`)."""
+
 METRIC_NOTE = (
     "hit rate: requests found resident and ready; late: prefetches still in flight when requested; "
     "collisions: misses on experts evicted earlier in the same pass; stall, TTFT and tok/s are emulated "
@@ -97,6 +104,9 @@ def print_stats(args: argparse.Namespace, stats: Any, *, wall: bool = True) -> N
     table.add_column("value", justify="right")
     for name, fmt in _metrics(wall):
         table.add_row(name, fmt(stats))
+    if getattr(args, "storage", "ram") == "disk":
+        for name, fmt in DISK_METRICS:
+            table.add_row(name, fmt(stats))
     show_metrics(table)
 
 

@@ -73,6 +73,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--link-latency-us", type=options.non_negative_float, help="per-transfer latency (default: the profile's)"
     )
     options.add_hardware(replay, "hardware profile ({profiles})")
+    options.add_storage(replay, replay=True)
     replay.add_argument("--experts-per-layer", type=options.positive_int, help="for traces whose header lacks it")
     replay.add_argument(
         "--expert-bytes",
@@ -99,6 +100,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         link_latency_s=None if args.link_latency_us is None else args.link_latency_us * 1e-6,
         hardware=args.hardware,
         price_as=options.priced_as(args.shape_from) if args.shape_from else None,
+        **options.storage_settings(args),
     )
     payload = {"trace": args.trace, "trace_sha256": trace.sha256, "policy": args.policy, "stats": stats.to_dict()}
     output.emit(args, payload)
@@ -116,6 +118,7 @@ def _add_sweep(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     options.add_link(sweep, many=True)
     options.add_hardware(sweep, "hardware profiles (default: {default})", many=True)
     options.add_shape_from(sweep, many=True)
+    options.add_storage(sweep, replay=True, many=True)
     sweep.add_argument("--no-baselines", action="store_true", help="leave out the Belady and unbounded runs")
     sweep.add_argument(
         "--out", type=options.output_file, required=True, help="results CSV (existing rows are kept and skipped)"
@@ -144,15 +147,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "bandwidths": args.bandwidth_gbps,
         "hardware": args.hardware,
         "shape_from": args.shape_from,
+        "host_cache_fracs": args.host_cache_frac,
+        "disks": args.disk,
     }
+    storage = {k: v for k, v in (("storage", args.storage), ("host_eviction", args.host_eviction)) if v is not None}
     if args.grid:
-        grid = SweepGrid.from_toml(args.grid, **given)
+        grid = SweepGrid.from_toml(args.grid, **given, **storage)
     else:
         needed = (("TRACE", "traces"), ("--policy", "policies"), ("--cache-frac", "cache_fracs"))
         missing = [flag for flag, key in needed if not given[key]]
         if missing:
             raise ValueError(f"a sweep needs {', '.join(missing)} (or a --grid file)")
-        grid = SweepGrid(**{k: tuple(v) for k, v in given.items() if v})
+        grid = SweepGrid(**{k: tuple(v) for k, v in given.items() if v}, **storage)
     if args.no_baselines:
         grid = SweepGrid(**{**grid.__dict__, "baselines": False})
     shapes = {name: options.priced_as(name) for name in grid.shape_from if name}

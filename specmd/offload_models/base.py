@@ -23,6 +23,7 @@ from specmd.cache.factory import build_manager
 from specmd.cache.layout import ExpertLayout
 from specmd.cache.live.arena import SlotArena
 from specmd.cache.live.copiers import copier_for
+from specmd.cache.live.host import HostTier, check_host_memory
 from specmd.cache.live.payload import LivePayload
 from specmd.cache.live.store import open_store
 from specmd.cache.live.watchdog import Watchdog
@@ -162,6 +163,10 @@ class OffloadMixin:
         compute_time: str = "profile",
         expert_precisions: tuple[str, ...] | None = None,
         storage: str = "ram",
+        host_cache_frac: float | None = None,
+        host_cache_bytes: int | str | None = None,
+        host_eviction: Any = "lru",
+        disk: str | None = None,
         predictor: str | None = None,
         shape_from: str | None = None,
         transfer_timeout_s: float = OffloadOptions.transfer_timeout_s,
@@ -170,6 +175,10 @@ class OffloadMixin:
     ) -> Any:
         """Load a checkpoint with its experts in a cache of `cache_frac` (or `cache_bytes`: a count, or a size such
         as "600MB" or "2GiB").
+
+        With `storage="disk"`, `host_cache_frac` (or `host_cache_bytes`) adds a host-RAM tier between the disk and
+        the cache, evicting by `host_eviction` (LRU by default), and `disk` names the drive the emulation prices
+        reads on (`specmd.cache.hardware.DISKS`, or "profile"; None: reads take no emulated time).
 
         Every other keyword goes to transformers' `from_pretrained` (`dtype`, `device_map`, `revision`, ...),
         except those specmd does not run, which are refused (`loading.check_loading_keywords`): the
@@ -194,6 +203,10 @@ class OffloadMixin:
             compute_time=compute_time,
             expert_precisions=expert_precisions,
             storage=storage,
+            host_cache_frac=host_cache_frac,
+            host_cache_bytes=host_cache_bytes,
+            host_eviction=host_eviction,
+            disk=disk,
             predictor=predictor,
             shape_from=shape_from,
             transfer_timeout_s=transfer_timeout_s,
@@ -288,6 +301,14 @@ class OffloadMixin:
                 f"routing policy {options.policy.routing.name!r} re-selects experts, which {type(self).__name__}'s "
                 "router cannot do (its choice is not a softmax top-k); use 'standard' routing"
             )
+
+        def real(capacity: int) -> int:  # an arena holds as many experts as the (possibly priced) capacity admits
+            return max(-(-capacity * real_bytes[p] // layout.expert_bytes[p]) for p in precisions)
+
+        host_bytes = None
+        if manager.path is not None and manager.path.host is not None:
+            host_bytes = real(manager.path.host.capacity_bytes)
+            check_host_memory(host_bytes)
         formats = {name: get_format(name) for name in precisions}
         copies = None
         if any(fmt.persist for fmt in formats.values()):
@@ -301,15 +322,16 @@ class OffloadMixin:
         )  # fmt: skip
         watchdog = None
         try:
-            # The arena holds real experts: as many as the (possibly priced) capacity admits, at their real sizes.
-            capacity = manager.cache.capacity_bytes
-            real_capacity = max(-(-capacity * real_bytes[p] // layout.expert_bytes[p]) for p in precisions)
-            arena = SlotArena(real_capacity, real_bytes.values(), device)
-            watchdog = Watchdog()
+            arena = SlotArena(real(manager.cache.capacity_bytes), real_bytes.values(), device)
+            watchdog = Watchdog(threads=getattr(store, "readers", 1))  # queue depth where the tier needs it
+            host = None
+            if host_bytes is not None:
+                host_arena = SlotArena(host_bytes, real_bytes.values(), "cpu", pin=device.type == "cuda")
+                host = HostTier(store, host_arena, watchdog, options.transfer_timeout_s)
             payload = LivePayload(
-                store, arena, watchdog, copier_for(device), formats, shape, timeout_s=options.transfer_timeout_s
+                host or store, arena, watchdog, copier_for(device), formats, shape, timeout_s=options.transfer_timeout_s
             )
-            manager.attach(payload)
+            manager.attach(payload, host)
             routers = {layer: getattr(self.model.layers[layer].mlp, arch.router_attr) for layer in layout.moe_layers}
             meta = {
                 "model": config.name_or_path or None,

@@ -18,13 +18,14 @@ COMPUTE_TIMES = ("profile", "measured")
 class OffloadOptions(CacheConfig):
     """Settings of an offloaded model: its `CacheConfig` plus how experts are stored and timed.
 
+    `storage` (a `CacheConfig` field) names the storage tier holding every expert's copies: "ram" (host memory) or
+    "disk" (read from the checkpoint's files, or persisted quantized copies, on demand; `specmd.cache.live.disk`).
+
     Attributes (beyond `CacheConfig`'s):
         compute_time: "profile" (deterministic, from `hardware`) or "measured" (this machine's wall time).
         expert_precisions: precisions the store holds, each expert at every one; the first is the one
             requests use, the others are there for miss policies. None = the model's own dtype (lossless).
             Aliases resolve to the format's name (int4 -> nf4, int2 -> hqq2).
-        storage: the storage tier that holds every expert's copies: "ram" (host memory) or "disk" (read from the
-            checkpoint's files, or persisted quantized copies, on demand; `specmd.cache.live.disk`).
         shape_from: price the experts and compute as this model's in the emulation (a config.json, a checkpoint
             directory, a hub id or a bundled config's name); None = as this model's own.
         transfer_timeout_s: the longest wait on one expert's copy before it is an error naming the expert.
@@ -33,7 +34,6 @@ class OffloadOptions(CacheConfig):
 
     compute_time: str = "profile"
     expert_precisions: tuple[str, ...] | None = None
-    storage: str = "ram"
     shape_from: str | None = None
     transfer_timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
@@ -59,14 +59,16 @@ class OffloadOptions(CacheConfig):
                     raise ValueError(f"expert_precisions={given!r} names the precision {name!r} twice ({same})")
                 get_format(name).check_backend()
             object.__setattr__(self, "expert_precisions", names)
-        if self.storage not in STORAGE_TIERS:
-            raise ValueError(f"storage {self.storage!r} is not available; available: {', '.join(STORAGE_TIERS)}")
         if self.predictor is not None:
             check_predictor(self.predictor)
         if self.shape_from is not None and not (isinstance(self.shape_from, str) and self.shape_from):
             raise ValueError(f"shape_from must name a model's config, got {self.shape_from!r}")
         if not (is_number(self.transfer_timeout_s) and self.transfer_timeout_s > 0):
             raise ValueError(f"transfer_timeout_s must be a number of seconds > 0, got {self.transfer_timeout_s!r}")
+
+    def storages(self) -> tuple[str, ...]:
+        """The registered storage tiers (`specmd.cache.live.store.STORAGE_TIERS`)."""
+        return tuple(STORAGE_TIERS)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

@@ -123,13 +123,15 @@ class OffloadRuntime:
     def _recover(self) -> None:
         """Rebuild the cache empty with fresh policies, keeping the counters and the payload (its slots freed)."""
         old = self.manager
-        payload = old.payload
+        payload, host = old.payload, old.host_payload
         if payload is not None:
             payload.reset()
+        if host is not None:
+            host.reset()  # type: ignore[attr-defined]  (a HostTier; after the fast tier, whose copies read it)
         fresh = self._rebuild()
         fresh.stats = old.stats
         if payload is not None:
-            fresh.attach(payload)
+            fresh.attach(payload, host)
         self.manager = fresh
         self._dirty = False
 

@@ -74,6 +74,7 @@ def check_replay(
             f"{trace.source} does not record ('next_logits'); 'none' and 'oracle' prefetch replay without them"
         )
     config.capacity_bytes(layout)
+    config.host_capacity_bytes(layout)
     return layout, predictor, policies
 
 
@@ -122,6 +123,11 @@ def replay(
     hardware: str = DEFAULT_HARDWARE,
     predictor: str | None = None,
     price_as: ExpertLayout | None = None,
+    storage: str = "ram",
+    host_cache_frac: float | None = None,
+    host_cache_bytes: int | str | None = None,
+    host_eviction: Any = "lru",
+    disk: str | None = "profile",
 ) -> CacheStats:
     """Replay `trace` (a `Trace` or a .jsonl/.npz path) with a policy mix and a cache size (`cache_frac`, or
     `cache_bytes`: a count, or a size such as "600MB").
@@ -130,10 +136,14 @@ def replay(
     (transfers take no emulated time), as for a live model. `predictor` picks whose recorded predictions
     logit-based prefetch uses ("next-layer", or the trace's own; default: the one it was recorded with).
     `price_as` (a model's `ExpertLayout`, e.g. `specmd.offload_models.info.expert_layout(load_config("olmoe-1b-7b"))`)
-    prices the trace's experts and compute as that model's, keeping its routing. Example::
+    prices the trace's experts and compute as that model's, keeping its routing. With `storage="disk"` every transfer
+    first reads the expert over the `disk` link (a `specmd.cache.hardware.DISKS` name; default: the hardware profile's
+    drive; None: no emulated time), through a host-RAM tier of `host_cache_frac` (or `host_cache_bytes`) evicting by
+    `host_eviction` when one is given. Example::
 
         stats = specmd.sim.replay("trace.jsonl", policy="topk/least-stale/fetch/standard",
                                   cache_frac=0.05, bandwidth_gbps=5.0)
+        from_nvme = specmd.sim.replay("trace.jsonl", cache_frac=0.05, storage="disk", host_cache_frac=0.2, disk="nvme4")
     """
     config = CacheConfig(
         cache_frac=cache_frac,
@@ -143,5 +153,10 @@ def replay(
         link_latency_s=link_latency_s,
         hardware=hardware,
         predictor=predictor,
+        storage=storage,
+        host_cache_frac=host_cache_frac,
+        host_cache_bytes=host_cache_bytes,
+        host_eviction=host_eviction,
+        disk=disk,
     )
     return run_trace(trace if isinstance(trace, Trace) else load_trace(trace), config, price_as)

@@ -72,12 +72,14 @@ def percent(frac: float) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    """Where a group of runs ran: trace (priced as `shape_from`'s model when set), hardware and link."""
+    """Where a group of runs ran: trace (priced as `shape_from`'s model when set), hardware, link, and with experts on
+    disk the drive and host-RAM tier (`lower`, as `lower_label` writes it; "" with experts in RAM)."""
 
     trace: str
     hardware: str
     bandwidth: str  # as the CSV writes it: "5.0", "profile" or "native"
     shape_from: str
+    lower: str = ""
 
     @property
     def link_gbps(self) -> float:
@@ -92,7 +94,7 @@ class Setting:
     def order(self) -> tuple[Any, ...]:
         """Sort key: trace, model, hardware, then link speed (numbers by value; native, the fastest, last)."""
         kind = {NATIVE: 2, PROFILE: 1}.get(self.bandwidth, 0)
-        return (self.trace, self.shape_from, self.hardware, kind == 2, self.link_gbps, kind)
+        return (self.trace, self.shape_from, self.hardware, kind == 2, self.link_gbps, kind, self.lower)
 
     def link(self) -> str:
         if self.bandwidth == NATIVE:
@@ -106,13 +108,26 @@ class Setting:
         """trace[, priced as model], hardware, link; `short` names the trace by its file name only."""
         trace = Path(self.trace).name if short else self.trace
         priced = f", priced as {self.shape_from}" if self.shape_from else ""
-        return f"{trace}{priced}, {self.hardware}, {self.link()}"
+        lower = f", {self.lower}" if self.lower else ""
+        return f"{trace}{priced}, {self.hardware}, {self.link()}{lower}"
+
+
+def lower_label(row: Row) -> str:
+    """Where a row's experts lived below the cache: "" in RAM, else "disk D, host tier F (E)" or "disk D, no host
+    tier"."""
+    if row["storage"] == "ram":
+        return ""
+    disk = {NATIVE: "native-speed disk", PROFILE: "its disk"}.get(row["disk"], f"disk {row['disk']}")
+    if not row["host_cache_frac"]:
+        return f"{disk}, no host tier"
+    return f"{disk}, host tier {percent(float(row['host_cache_frac']))} ({row['host_eviction']})"
 
 
 def _settings(rows: Sequence[Row]) -> list[tuple[Setting, list[Row]]]:
     groups: dict[Setting, list[Row]] = defaultdict(list)
     for row in rows:
-        groups[Setting(row["trace"], row["hardware"], row["bandwidth_gbps"], row["shape_from"])].append(row)
+        setting = Setting(row["trace"], row["hardware"], row["bandwidth_gbps"], row["shape_from"], lower_label(row))
+        groups[setting].append(row)
     return sorted(groups.items(), key=lambda item: item[0].order())
 
 

@@ -52,7 +52,8 @@ UNBOUNDED = "none/lru/fetch/standard"
 NATIVE = "native"
 BACKENDS = ("local", "ray")
 
-KEY_COLUMNS = ["trace_sha256", "policy", "cache_frac", "bandwidth_gbps", "hardware", "shape_from"]
+KEY_COLUMNS = ["trace_sha256", "policy", "cache_frac", "bandwidth_gbps", "hardware", "shape_from",
+               "storage", "host_cache_frac", "disk", "host_eviction"]  # fmt: skip
 STAT_COLUMNS = [f.name for f in fields(CacheStats)]
 COLUMNS = [
     "trace", *KEY_COLUMNS, "baseline", "prefetch", "eviction", "miss", "routing", "specmd_version", *STAT_COLUMNS,
@@ -89,6 +90,30 @@ def _bandwidth_label(value: float | str | None) -> str:
 
 
 @dataclass(frozen=True)
+class Lower:
+    """Where a run's experts live below the cache: in RAM, or on `disk` (a disk profile, "profile" or None: native)
+    through a host-RAM tier of `host_cache_frac` (None: none) evicting by `host_eviction`."""
+
+    storage: str = "ram"
+    host_cache_frac: float | None = None
+    disk: str | None = None
+    host_eviction: str = "lru"
+
+    def settings(self) -> dict[str, Any]:
+        """The `CacheConfig` keywords."""
+        return {"storage": self.storage, "host_cache_frac": self.host_cache_frac, "disk": self.disk,
+                "host_eviction": self.host_eviction}  # fmt: skip
+
+    def columns(self) -> dict[str, str]:
+        """The CSV's columns for it ("" where a setting does not apply)."""
+        if self.storage == "ram":
+            return {"storage": "ram", "host_cache_frac": "", "disk": "", "host_eviction": ""}
+        host = self.host_cache_frac is not None
+        return {"storage": self.storage, "host_cache_frac": str(float(self.host_cache_frac)) if host else "",
+                "disk": _bandwidth_label(self.disk), "host_eviction": self.host_eviction if host else ""}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class SweepGrid:
     """What to sweep: every combination of the lists below (plus the baselines, unless turned off).
 
@@ -102,6 +127,10 @@ class SweepGrid:
         baselines: add Belady and the unbounded cache.
         backend: where the runs go: "local" (a process pool) or "ray" (a Ray cluster).
         address: the Ray cluster's address (None: `RAY_ADDRESS`, else a new local one); only for "ray".
+        storage: where every expert lives, "ram" or "disk" (then each of `host_cache_fracs` x `disks` is a setting).
+        host_cache_fracs: host-RAM tiers between the disk and the cache, as fractions of all expert bytes (None: none).
+        disks: disk profiles the disk is priced as ("profile": the hardware's drive; "native"/None: no emulated time).
+        host_eviction: the host tier's eviction policy.
     """
 
     traces: tuple[str, ...]
@@ -113,27 +142,43 @@ class SweepGrid:
     baselines: bool = True
     backend: str = "local"
     address: str | None = None
+    storage: str = "ram"
+    host_cache_fracs: tuple[float | None, ...] = (None,)
+    disks: tuple[str | None, ...] = (cache_config.PROFILE,)
+    host_eviction: str = "lru"
 
     def __post_init__(self) -> None:
-        for name in ("traces", "policies", "cache_fracs", "bandwidths", "hardware", "shape_from"):
+        for name in ("traces", "policies", "cache_fracs", "bandwidths", "hardware", "shape_from", "host_cache_fracs",
+                     "disks"):  # fmt: skip
             if not getattr(self, name):
                 raise ValueError(f"a sweep needs at least one value of {name}")
         object.__setattr__(self, "bandwidths", tuple(_bandwidth(b) for b in self.bandwidths))
+        object.__setattr__(self, "disks", tuple(_bandwidth(d) if d in (None, NATIVE) else d for d in self.disks))
         canonical = tuple(str(PolicySpec.parse(p)) for p in self.policies)  # fails now on a bad name
         object.__setattr__(self, "policies", canonical)
-        for frac, bandwidth, hardware in (
-            (f, b, h) for f in self.cache_fracs for b in self.bandwidths for h in self.hardware
-        ):
-            cache_config.CacheConfig(cache_frac=frac, bandwidth_gbps=bandwidth, hardware=hardware)
+        for frac, bandwidth, hardware, lower in (
+            (f, b, h, low) for f in self.cache_fracs for b in self.bandwidths for h in self.hardware
+            for low in self.lowers()
+        ):  # fmt: skip
+            cache_config.CacheConfig(cache_frac=frac, bandwidth_gbps=bandwidth, hardware=hardware, **lower.settings())
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown sweep backend {self.backend!r}; the backends are {', '.join(BACKENDS)}")
         if self.address is not None and self.backend != "ray":
             raise ValueError(f"a Ray address ({self.address!r}) is for the ray backend, not {self.backend!r}")
 
+    def lowers(self) -> list[Lower]:
+        """Each setting of the tiers below the cache the grid sweeps."""
+        if self.storage != "disk":
+            if self.host_cache_fracs != (None,):
+                cache_config.CacheConfig(cache_frac=1.0, storage=self.storage, host_cache_frac=self.host_cache_fracs[0])
+            return [Lower(self.storage)]
+        return [Lower("disk", h, d, self.host_eviction) for h in self.host_cache_fracs for d in self.disks]
+
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> SweepGrid:
         """Read a grid file (keys: traces, policies, cache_frac, bandwidth_gbps, hardware, shape_from, baselines,
-        backend, address); `overrides` (the fields' names) replace what the file says."""
+        backend, address, storage, host_cache_frac, disk, host_eviction); `overrides` (the fields' names) replace
+        what the file says."""
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # pragma: no cover
@@ -141,7 +186,7 @@ class SweepGrid:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
         known = {"traces", "policies", "cache_frac", "bandwidth_gbps", "hardware", "shape_from", "baselines",
-                 "backend", "address"}  # fmt: skip
+                 "backend", "address", "storage", "host_cache_frac", "disk", "host_eviction"}  # fmt: skip
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown key {unknown[0]!r}; a grid has {', '.join(sorted(known))}")
@@ -155,6 +200,10 @@ class SweepGrid:
             "baselines": data.get("baselines", True),
             "backend": data.get("backend", "local"),
             "address": data.get("address"),
+            "storage": data.get("storage", "ram"),
+            "host_cache_fracs": data.get("host_cache_frac", (None,)),
+            "disks": data.get("disk", (cache_config.PROFILE,)),
+            "host_eviction": data.get("host_eviction", "lru"),
         }
         values.update({k: v for k, v in overrides.items() if v})
         return cls(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in values.items()})
@@ -166,9 +215,11 @@ class SweepGrid:
         if self.baselines:
             settings += [(BELADY, f, "belady") for f in self.cache_fracs]
             settings.append((UNBOUNDED, 1.0, "unbounded"))
-        for trace, hardware, bandwidth, shape in product(self.traces, self.hardware, self.bandwidths, self.shape_from):
+        for trace, hardware, bandwidth, shape, lower in product(
+            self.traces, self.hardware, self.bandwidths, self.shape_from, self.lowers()
+        ):
             for policy, frac, baseline in settings:
-                run = Run(trace, policy, frac, bandwidth, hardware, shape, baseline)
+                run = Run(trace, policy, frac, bandwidth, hardware, shape, baseline, lower)
                 runs.setdefault(run.key, run)
         return list(runs.values())
 
@@ -184,11 +235,17 @@ class Run:
     hardware: str
     shape_from: str = ""
     baseline: str = field(default="", compare=False)
+    lower: Lower = Lower()
 
     @property
     def key(self) -> tuple:
-        bandwidth = _bandwidth_label(self.bandwidth_gbps)
-        return (self.trace, self.policy, float(self.cache_frac), bandwidth, self.hardware, self.shape_from)
+        return (self.trace, *_row_key(self.columns("")))
+
+    def columns(self, trace_sha256: str) -> dict[str, Any]:
+        """The run's `KEY_COLUMNS`, as its row writes them."""
+        return {"trace_sha256": trace_sha256, "policy": self.policy, "cache_frac": float(self.cache_frac),
+                "bandwidth_gbps": _bandwidth_label(self.bandwidth_gbps), "hardware": self.hardware,
+                "shape_from": self.shape_from, **self.lower.columns()}  # fmt: skip
 
 
 _TRACES: dict[str, Trace] = {}  # loaded once in the parent; forked workers inherit them
@@ -210,20 +267,17 @@ def run_one(run: Run, price_as: ExpertLayout | None = None) -> dict[str, Any]:
 def replay_run(run: Run, trace: Trace, price_as: ExpertLayout | None = None) -> dict[str, Any]:
     """`run_one` with the trace of `run.trace` given (a Ray worker has it from the object store)."""
     config = cache_config.CacheConfig(
-        cache_frac=run.cache_frac, policy=run.policy, bandwidth_gbps=run.bandwidth_gbps, hardware=run.hardware
-    )
+        cache_frac=run.cache_frac, policy=run.policy, bandwidth_gbps=run.bandwidth_gbps, hardware=run.hardware,
+        **run.lower.settings(),
+    )  # fmt: skip
     stats = run_trace(trace, config, price_as).to_dict()
     stats["per_layer"] = json.dumps(stats["per_layer"])
     stats["fetches_by_precision"] = json.dumps(stats["fetches_by_precision"])
     spec = config.policy
     return {
         "trace": run.trace,
-        "trace_sha256": trace.sha256,
+        **run.columns(trace.sha256),
         "policy": str(spec),
-        "cache_frac": float(run.cache_frac),
-        "bandwidth_gbps": _bandwidth_label(run.bandwidth_gbps),
-        "hardware": run.hardware,
-        "shape_from": run.shape_from,
         "baseline": run.baseline,
         **{kind: str(getattr(spec, kind)) for kind in ("prefetch", "eviction", "miss", "routing")},
         "specmd_version": __version__,
@@ -401,10 +455,7 @@ def sweep(
     runs, todo = grid.runs(), []
     for run in runs:
         trace = _trace(run.trace)  # also checks every trace up front
-        probe = {"trace_sha256": trace.sha256, "policy": run.policy, "cache_frac": run.cache_frac,
-                 "bandwidth_gbps": _bandwidth_label(run.bandwidth_gbps), "hardware": run.hardware,
-                 "shape_from": run.shape_from}  # fmt: skip
-        if _row_key(probe) not in done:
+        if _row_key(run.columns(trace.sha256)) not in done:
             todo.append(run)
     _refuse_unreplayable(todo, shapes)
     new_rows: list[dict[str, Any]] = []
@@ -450,13 +501,13 @@ def _refuse_unreplayable(runs: Sequence[Run], shapes: Mapping[str, ExpertLayout]
 
     Each mix is checked once per trace and shape, at its smallest capacity (the one a too-small cache fails at).
     """
-    smallest: dict[tuple[str, str, str], float] = {}
+    smallest: dict[tuple[str, str, str, Lower], float] = {}
     for run in runs:
-        key = (run.trace, run.policy, run.shape_from)
+        key = (run.trace, run.policy, run.shape_from, run.lower)
         smallest[key] = min(smallest.get(key, run.cache_frac), run.cache_frac)
-    for (path, policy, shape), frac in smallest.items():
+    for (path, policy, shape, lower), frac in smallest.items():
         try:
-            config = cache_config.CacheConfig(cache_frac=frac, policy=PolicySpec.parse(policy))
+            config = cache_config.CacheConfig(cache_frac=frac, policy=PolicySpec.parse(policy), **lower.settings())
             check_replay(_trace(path), config, shapes.get(shape))
         except ValueError as exc:
             names = configuration_names(policy)

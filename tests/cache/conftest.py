@@ -12,6 +12,7 @@ from specmd.cache.layout import ExpertLayout
 from specmd.cache.link import EmulatedLink
 from specmd.cache.manager import CacheManager
 from specmd.cache.policies.spec import PolicySpec
+from specmd.cache.tiers import DiskPath
 
 PRECISION = "fp32"
 
@@ -63,8 +64,12 @@ def make_manager(
     top_k: int = 2,
     bandwidth_gbps: float | None = 1.0,
     compute: FixedCompute | None = None,
+    disk_gbps: float | None = None,
+    host_capacity_experts: float | None = None,
+    host_eviction: str = "lru",
 ) -> CacheManager:
-    """A manager over `layers` with 1 us per 1000-byte transfer at the default bandwidth."""
+    """A manager over `layers` with 1 us per 1000-byte transfer at the default bandwidth; with `disk_gbps`, experts
+    are read from a disk of that bandwidth, through a host tier of `host_capacity_experts` experts when given."""
     spec = PolicySpec.parse(policy)
     policies = spec.build()
     layout = ExpertLayout(
@@ -83,7 +88,21 @@ def make_manager(
         int(capacity_experts * expert_bytes), policies.eviction, layout.expert_bytes, layout.catalog(), listener
     )
     listener.cache = cache
-    return CacheManager(cache, policies, EmulatedLink(bandwidth_gbps), compute or FixedCompute(), layout)
+    link = EmulatedLink(bandwidth_gbps)
+    path = None
+    if disk_gbps is not None:
+        host = None
+        if host_capacity_experts is not None:
+            host_policy = PolicySpec.parse(f"none/{host_eviction}/fetch/standard").build().eviction
+            host_policy.bind_layout(layout)
+            host_listener = CheckedListener()
+            host = ExpertCache(
+                int(host_capacity_experts * expert_bytes), host_policy, layout.expert_bytes, layout.catalog(),
+                host_listener,
+            )  # fmt: skip
+            host_listener.cache = host
+        path = DiskPath(link, EmulatedLink(disk_gbps), host)
+    return CacheManager(cache, policies, link, compute or FixedCompute(), layout, path=path)
 
 
 PREFILL = PassInfo(sequences=1, tokens=1, attended=1, context=1, prefill=True)

@@ -78,3 +78,12 @@ def test_rates_are_recomputed_from_the_sums_not_averaged() -> None:
 def test_nothing_to_combine_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least one"):
         combine([])
+
+
+def test_host_tier_peaks_are_the_largest_rank_and_its_rate_is_recomputed() -> None:
+    near, far = StatsRecorder([0]), StatsRecorder([0])
+    near.layers[0].host_hits, near.layers[0].host_misses = 9, 1
+    far.layers[0].host_hits, far.layers[0].host_misses = 1, 9
+    total = combine([near.snapshot(0, 1, peak_host_bytes=70, host_capacity_bytes=100), far.snapshot(0, 1, 90, 100)])
+    assert (total.host_hits, total.host_misses, total.host_hit_rate) == (10, 10, 0.5)
+    assert (total.peak_host_resident_bytes, total.host_capacity_bytes) == (90, 100)

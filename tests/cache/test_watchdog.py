@@ -83,3 +83,21 @@ def test_a_stopped_watchdog_takes_no_more_copies() -> None:
     watchdog.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         watchdog.submit(partial(CpuCopier().copy, torch.zeros(1), torch.zeros(1)), "expert 0")
+
+
+def test_several_threads_run_as_many_copies_at_once_and_all_stop() -> None:
+    together = threading.Barrier(3, timeout=5)  # passes only when three copies are in flight at the same time
+
+    def copy() -> object:
+        together.wait()
+        return DONE
+
+    watchdog = Watchdog(threads=3)
+    tickets = [watchdog.submit(copy, f"expert {i}") for i in range(3)]
+    for ticket in tickets:
+        ticket._await(5, "test")  # not wait(): that would run a pending copy on this thread
+    watchdog.check()
+    assert watchdog.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("specmd-watchdog")]
+    with pytest.raises(ValueError, match="at least one thread, got 0"):
+        Watchdog(threads=0)

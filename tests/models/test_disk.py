@@ -60,6 +60,34 @@ def test_disk_is_bit_identical_to_stock_eager(checkpoint: Path, stock: OlmoeForC
         assert model.cache_stats().bytes_transferred > 0
 
 
+@pytest.mark.parametrize("policy", ["none/lru/fetch/standard", "topk:overfetch=2/ls/fetch/standard"])
+@pytest.mark.parametrize(
+    "host", [{"host_cache_frac": 0.3}, {"host_cache_bytes": 8 * EXPERT_BYTES, "host_eviction": "lfu"}]
+)
+def test_a_host_ram_tier_is_bit_identical_and_serves_experts_from_ram(  # type: ignore[no-untyped-def]
+    checkpoint: Path, stock: OlmoeForCausalLM, host, policy
+) -> None:
+    with load(checkpoint, policy=policy, cache_bytes=2 * EXPERT_BYTES, **host) as model, torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, stock(PROMPT).logits)
+        assert torch.equal(greedy(model, PROMPT), greedy(stock, PROMPT))
+        real = BATCH_MASK.bool()
+        assert torch.equal(
+            model(BATCH, attention_mask=BATCH_MASK).logits[real], stock(BATCH, attention_mask=BATCH_MASK).logits[real]
+        )
+        stats = model.cache_stats()
+        assert stats.host_hits > 0 and stats.host_misses > 0 and stats.disk_bytes_read < stats.bytes_transferred
+        host_tier = model._specmd.manager.path.host  # type: ignore[union-attr]
+        assert stats.peak_host_resident_bytes <= stats.host_capacity_bytes == host_tier.capacity_bytes
+
+
+def test_a_host_tier_larger_than_this_machine_is_refused_before_loading(checkpoint: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 2)  # an 8 KiB machine
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match=r"would hold \d+ B of experts, more than this machine's 8192 B of memory"):
+        load(checkpoint, host_cache_frac=0.5)
+    assert set(threading.enumerate()) <= before
+
+
 @pytest.mark.parametrize("layout", ["legacy", "fused", "sharded"])
 def test_disk_bf16_from_fp32_files_casts_as_transformers_does(checkpoints: dict[str, Path], layout: str) -> None:
     legacy = checkpoints["legacy"]
@@ -94,6 +122,34 @@ def test_an_expert_larger_than_a_chunk_is_read_with_several_requests_in_flight(
         assert torch.equal(model(PROMPT).logits, stock(PROMPT).logits)
         assert 1 < len(reading_threads()) <= disk.READ_THREADS
     assert reading_threads() == []  # joined on close
+
+
+def test_several_experts_are_read_at_once(checkpoint: Path, stock: OlmoeForCausalLM, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The transfer threads read up to READ_EXPERTS experts at once (a slowed read makes their overlap visible),
+    straight into their CPU slots or host-tier blocks, and the logits stay exact."""
+    reading: set[str] = set()
+    most = [0]
+    lock = threading.Lock()
+    read = disk._File.read
+
+    def slow_read(self, dst, start, what):  # type: ignore[no-untyped-def]
+        with lock:
+            reading.add(what)
+            most[0] = max(most[0], len(reading))
+        try:
+            threading.Event().wait(0.02)
+            read(self, dst, start, what)
+        finally:
+            with lock:
+                reading.discard(what)
+
+    monkeypatch.setattr(disk._File, "read", slow_read)
+    for host in ({}, {"host_cache_frac": 0.5}):
+        most[0] = 0
+        with load(checkpoint, cache_frac=0.5, **host) as model, torch.no_grad():
+            assert len([t for t in threading.enumerate() if t.name.startswith("specmd-watchdog")]) == disk.READ_EXPERTS
+            assert torch.equal(model(PROMPT).logits, stock(PROMPT).logits)
+        assert 1 < most[0] <= disk.READ_EXPERTS + 1  # the transfer threads, and the main thread taking one over
 
 
 def test_no_expert_is_held_in_ram(checkpoint: Path) -> None:

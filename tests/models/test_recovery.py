@@ -215,3 +215,32 @@ def test_concurrent_generate_calls_take_turns_and_get_their_own_answers(checkpoi
         assert model.cache_stats().decode_passes == 3 * (TOKENS - 1)
     assert errors == [] and len(outputs) == 3
     assert all(torch.equal(out, fresh[0]) for out in outputs)
+
+
+DISK = {"storage": "disk", "host_cache_frac": 0.3, "disk": "nvme4"}
+
+
+@pytest.fixture(scope="module")
+def fresh_disk(checkpoint: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """What a freshly loaded model with experts on disk behind a host-RAM tier gives."""
+    with pytest.MonkeyPatch.context() as patch:
+        for kind, name, cls in (("eviction", "trip-lru", TripLRU), ("miss", "trip-fetch", TripFetch),
+                                ("prefetch", "trip-topk", TripTopK)):  # fmt: skip
+            patch.setitem(spec._REGISTRY[kind], name, cls)
+        with OffloadOLMoE.from_pretrained(checkpoint, policy=MIX, **SETTING, **DISK) as model:
+            return run(model)
+
+
+@pytest.mark.parametrize("site", ["insert", "eviction", "compute"])  # main-thread sites: "wait" also runs on the
+# transfer threads, where an error of a prefetch nothing waits for is raised at the next pass's check, by design
+def test_after_a_pass_raises_a_host_tier_model_runs_as_if_just_loaded(checkpoint: Path, fresh_disk, site: str) -> None:  # type: ignore[no-untyped-def]
+    with OffloadOLMoE.from_pretrained(checkpoint, policy=MIX, **SETTING, **DISK) as model:
+        run(model)  # a warm cache and host tier, so that recovering must empty both
+        SITE[0] = site
+        Trip.arm(2, RuntimeError)
+        with pytest.raises(RuntimeError, match="tripped"):
+            run(model)
+        SITE[0] = ""
+        out, stats = run(model)
+    assert torch.equal(out, fresh_disk[0]) and stats == fresh_disk[1]
+    assert stats["host_hits"] > 0 and stats["host_misses"] > 0

@@ -39,6 +39,28 @@ def test_replay_reproduces_the_live_run_exactly(checkpoint: Path, tmp_path: Path
     assert from_npz == live
 
 
+DISK_RUNS = [
+    ("none/lru/fetch/standard", {"cache_frac": 0.05}, 5.0, {"disk": "sata"}),
+    ("topk/least-stale/fetch/standard", {"cache_frac": 0.05}, 5.0, {"host_cache_frac": 0.3, "disk": "nvme3"}),
+    ("topk:overfetch=2/lru/fetch/standard", {"cache_bytes": EXPERT_BYTES}, 16.0,
+     {"host_cache_bytes": 3 * EXPERT_BYTES, "host_eviction": "lfu", "disk": "nvme5"}),
+    ("none/least-stale/fetch/standard", {"cache_frac": 0.25}, None, {"host_cache_frac": 0.5, "disk": None}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("policy", "size", "bandwidth", "lower"), DISK_RUNS)
+def test_replay_reproduces_a_live_disk_tier_run_exactly(
+    checkpoint: Path, tmp_path: Path, policy, size, bandwidth, lower
+) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "trace.jsonl"
+    live = live_run(checkpoint, path, policy=policy, bandwidth_gbps=bandwidth, storage="disk", **size, **lower)
+    assert live["disk_bytes_read"] > 0
+    if "host_cache_frac" in lower or "host_cache_bytes" in lower:
+        assert live["host_hits"] > 0 and live["host_misses"] > 0
+    replayed = replay(path, policy=policy, bandwidth_gbps=bandwidth, storage="disk", **size, **lower)
+    assert without_wall(replayed.to_dict()) == live
+
+
 def test_replay_wall_fields_are_zero_and_runs_are_deterministic(recorded: Path) -> None:
     first = replay(recorded, policy="topk/ls/fetch/standard", cache_frac=0.1)
     assert first.wall_ttft_s == 0.0 and first.wall_tokens_per_s == 0.0

@@ -22,7 +22,8 @@ def row(policy: str = "none/lru/fetch/standard", frac: float = 0.1, bandwidth: s
     layer = {"requests": 50, "collision_misses": 3}
     out: dict[str, Any] = dict.fromkeys(STAT_COLUMNS, 0) | {
         "trace": "traces/code.npz", "trace_sha256": "0" * 64, "policy": policy, "cache_frac": frac,
-        "bandwidth_gbps": bandwidth, "hardware": "a100", "shape_from": "", "baseline": "", "prefetch": prefetch,
+        "bandwidth_gbps": bandwidth, "hardware": "a100", "shape_from": "", "storage": "ram", "host_cache_frac": "",
+        "disk": "", "host_eviction": "", "baseline": "", "prefetch": prefetch,
         "eviction": eviction, "miss": miss, "routing": routing, "specmd_version": "0.1.0", "requests": 100,
         "hits": int(frac * 100), "misses": 100 - int(frac * 100), "hit_rate": frac, "stall_s": 0.1, "ttft_s": 0.01,
         "tokens_per_s": 100.0, "fetches_by_precision": {"bf16": 90},

@@ -13,7 +13,7 @@ import pytest
 
 from specmd import __version__
 from specmd.cache.policies.plugins import load_plugin
-from specmd.sim import load_trace
+from specmd.sim import load_trace, replay
 from specmd.sim import sweep as sweep_module
 from specmd.sim.report import report
 from specmd.sim.sweep import SweepGrid, read_results, sweep
@@ -57,6 +57,29 @@ def test_a_sweep_resumes_where_it_stopped(recorded: Path, tmp_path: Path) -> Non
     assert sweep(grid(recorded), tmp_path / "r.csv", jobs=1, progress=False) == []  # nothing left to do
     sweep(grid(recorded), tmp_path / "fresh.csv", jobs=1, progress=False)
     assert rows_of(tmp_path / "r.csv") == rows_of(tmp_path / "fresh.csv")
+
+
+def test_a_sweep_over_disk_settings_replays_each_and_resumes(recorded: Path, tmp_path: Path) -> None:
+    disk = grid(recorded, cache_fracs=(0.1,), bandwidths=(5.0,), storage="disk", host_cache_fracs=(None, 0.3),
+                disks=("sata", "nvme4"), host_eviction="lfu", baselines=False)  # fmt: skip
+    new = sweep(disk, tmp_path / "r.csv", jobs=1, progress=False)
+    assert len(new) == 2 * 2 * 2  # policies x host tiers x disks
+    for row in read_results(tmp_path / "r.csv"):
+        host = float(row["host_cache_frac"]) if row["host_cache_frac"] else None
+        assert row["host_eviction"] == ("lfu" if host else "")
+        expected = replay(recorded, policy=row["policy"], cache_frac=0.1, bandwidth_gbps=5.0, storage="disk",
+                          host_cache_frac=host, host_eviction="lfu", disk=row["disk"])  # fmt: skip
+        assert (int(row["disk_bytes_read"]), int(row["host_hits"]), float(row["disk_stall_s"])) == (
+            expected.disk_bytes_read,
+            expected.host_hits,
+            expected.disk_stall_s,
+        )
+    assert sweep(disk, tmp_path / "r.csv", jobs=1, progress=False) == []  # resumes: nothing left
+    report(tmp_path / "r.csv", tmp_path / "rep")
+    titles = (tmp_path / "rep" / "report.md").read_text()
+    assert "disk sata, no host tier" in titles and "disk nvme4, host tier 30% (lfu)" in titles
+    with pytest.raises(ValueError, match="need storage='disk'"):
+        grid(recorded, host_cache_fracs=(0.3,))
 
 
 def test_grid_files_and_early_errors(recorded: Path, tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ def torn_copies(finished: Path, tmp_path: Path) -> dict[str, Path]:
     last = raw.rstrip(b"\r\n").rfind(b"\n") + 1  # where the last row starts
     row = raw[last:]
     fields = next(csv.reader([row.decode()]))
+    number = COLUMNS.index("requests")
 
     def line(values: list[str]) -> bytes:
         text = io.StringIO()
@@ -60,7 +61,7 @@ def torn_copies(finished: Path, tmp_path: Path) -> dict[str, Path]:
         "cut before its line end": raw[:-2],
         "cut inside a quoted field": raw[: last + row.index(b'"') + 5],
         "a field short, with a line end": raw[:last] + line(fields[:-1]),
-        "a number cut short, with a line end": raw[:last] + line([*fields[:14], "12e", *fields[15:]]),
+        "a number cut short, with a line end": raw[:last] + line([*fields[:number], "12e", *fields[number + 1 :]]),
         "per_layer cut short, with a line end": raw[:last] + line([*fields[:-1], fields[-1][:30]]),
         "a line end inside a quote": raw[:last] + row[: row.rfind(b"[")] + b"[{\r\n",
     }

@@ -44,17 +44,20 @@ def buffer_bytes(capacity_bytes: int, sizes: Iterable[int]) -> int:
 
 
 class SlotArena:
-    """One buffer allocated up front on `device`, holding blocks of the byte sizes in `sizes`.
+    """One buffer allocated up front on `device` (pinned host memory with `pin`), holding blocks of the byte sizes
+    in `sizes`.
 
     Nothing is allocated after construction: acquiring and releasing a block only updates offsets, and
     compaction moves bytes within the buffer (through a small preallocated scratch where they overlap).
     """
 
-    def __init__(self, capacity_bytes: int, sizes: Iterable[int], device: torch.device | str) -> None:
+    def __init__(
+        self, capacity_bytes: int, sizes: Iterable[int], device: torch.device | str, *, pin: bool = False
+    ) -> None:
         self.sizes = tuple(sorted(set(sizes), reverse=True))
         self.capacity_bytes = capacity_bytes
         self.nbytes = buffer_bytes(capacity_bytes, self.sizes)
-        self._buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        self._buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
         largest = _stride(self.sizes[0])
         self._scratch = (
             torch.empty(min(SCRATCH_BYTES, largest), dtype=torch.uint8, device=device) if len(self.sizes) > 1 else None

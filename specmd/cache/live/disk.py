@@ -7,15 +7,16 @@ arrives (the cast transformers makes when it loads at that dtype). A quantized p
 its persisted copy (`specmd.quant.persist`), one row per expert, so one expert is one read; a checkpoint
 without one is quantized once, a layer at a time.
 
-Memory: no expert is held by the tier. On the CPU a read lands straight in its cache slot; otherwise (a
-GPU cache, or a cast) it goes through one of two staging buffers allocated once, on first need (pinned on
-CUDA; one per thread that may read: the transfer thread and the main thread), so nothing is allocated per
-read.
+Memory: no expert is held by the tier. On the CPU (a CPU cache, or a host-RAM tier's block) a read lands
+straight in its slot; otherwise (a GPU cache, or a cast) it goes through one of two staging buffers allocated
+once, on first need (pinned on CUDA), so nothing is allocated per read; a reader that finds both in use waits
+for one (at most one read).
 
 Reads are buffered `pread`s of exactly the bytes an expert needs (ranges that touch are merged into one
-read), with `POSIX_FADV_RANDOM` so the kernel reads no further ahead. An expert larger than `READ_CHUNK`
-is read in chunks, `READ_THREADS` at a time, by a small pool the tier starts on first need and joins on
-close. The page cache then keeps recently read experts while memory is free, and gives it back under
+read), with `POSIX_FADV_RANDOM` so the kernel reads no further ahead. Queue depth: the transfer threads read
+`READ_EXPERTS` experts at once (`readers`; prefetches and misses issued together), and an expert larger than
+`READ_CHUNK` is read in chunks, `READ_THREADS` at a time, by a small pool the tier starts on first need and
+joins on close. The page cache then keeps recently read experts while memory is free, and gives it back under
 pressure; O_DIRECT is not used (safetensors offsets are not block-aligned, and a cached expert is a free
 hit).
 
@@ -49,8 +50,9 @@ if TYPE_CHECKING:
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 READ_CHUNK = 4 << 20  # bytes per read request: long enough to stream, short enough to keep several in flight
-READ_THREADS = 4  # requests in flight for one expert (an NVMe drive needs queue depth to reach its bandwidth)
-STAGING_BUFFERS = 2  # the transfer thread and the main thread (which copies an expert it needs first itself)
+READ_THREADS = 4  # chunk requests in flight (an NVMe drive needs queue depth to reach its bandwidth)
+READ_EXPERTS = 4  # experts the transfer threads read at once
+STAGING_BUFFERS = 2  # bounded: more readers than this wait for one (each holds it for one read)
 
 
 class ExpertFiles(Protocol):
@@ -157,7 +159,7 @@ class DiskStore:
                     raw = torch.empty(self._raw_nbytes, dtype=torch.uint8, pin_memory=self._pin)
                     self._staging.put((raw, torch.empty(self._cast_nbytes, dtype=torch.uint8, pin_memory=self._pin)))
                 self.staging_bytes = STAGING_BUFFERS * (self._raw_nbytes + self._cast_nbytes)
-        return self._staging.get()  # never waits long: at most two threads read, each returns its pair
+        return self._staging.get()  # waits at most for one read: each reader returns its pair
 
     @classmethod
     def build(
@@ -187,6 +189,9 @@ class DiskStore:
                 for expert in range(experts.num_experts):
                     ranges[ExpertKey(layer, expert, fmt.name)] = _merged(where(layer, expert))
         return cls(ranges, plans, pin=pin)
+
+    readers = READ_EXPERTS
+    """How many experts are usefully read at once (the transfer threads a model starts for this tier)."""
 
     def nbytes(self, key: ExpertKey) -> int:
         return self._copies[key.precision].nbytes

@@ -37,7 +37,8 @@ class ExpertSource(Protocol):
 
 
 class ExpertStore(Protocol):
-    """What a storage tier offers the cache's live side."""
+    """What a storage tier offers the cache's live side. A tier may also say how many experts it reads at once
+    usefully (`readers`, default 1): a model starts that many transfer threads."""
 
     def nbytes(self, key: ExpertKey) -> int:
         """Bytes of the copy `key` (its expert at its precision)."""

@@ -1,12 +1,13 @@
 """The watchdog: a background thread that carries out expert transfers as the manager issues them.
 
 The manager decides on the emulated clock which transfers start and what they evict (so counters are
-deterministic); the watchdog performs the real copies in issue order, off the main thread, so they
-overlap compute. A copy the main thread needs before the watchdog has reached it is done by the main
-thread itself (so a busy machine's thread scheduling never delays compute), and an evicted expert's
-copy that has not started is cancelled. Every wait is bounded (`timeout_s`): a copy that hangs is a
-`TransferError` naming the expert, never a hang. An error in the thread is kept and raised on the main
-thread at the next wait or check, once.
+deterministic); the watchdog performs the real copies in issue order, off the main thread, so they overlap
+compute. With several threads (`threads`; the disk tier uses `READ_EXPERTS`) as many copies run at once,
+each started in issue order, so a drive that needs queue depth gets reads of several experts. A copy the
+main thread needs before the watchdog has reached it is done by the main thread itself (so a busy machine's
+thread scheduling never delays compute), and an evicted expert's copy that has not started is cancelled.
+Every wait is bounded (`timeout_s`): a copy that hangs is a `TransferError` naming the expert, never a hang.
+An error in the thread is kept and raised on the main thread at the next wait or check, once.
 """
 
 from __future__ import annotations
@@ -99,17 +100,22 @@ def _drain(jobs: queue.SimpleQueue) -> None:
 
 
 class Watchdog:
-    """Owns the transfer thread; `stop` (or garbage collection of the model, via its finalizer) ends it."""
+    """Owns the transfer threads (`threads` of them); `stop` (or garbage collection of the model, via its
+    finalizer) ends them."""
 
-    def __init__(self, name: str = "specmd-watchdog") -> None:
+    def __init__(self, name: str = "specmd-watchdog", threads: int = 1) -> None:
+        if not (isinstance(threads, int) and threads >= 1):
+            raise ValueError(f"a watchdog needs at least one thread, got {threads!r}")
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._failures: list[TransferError] = []
-        self._thread = threading.Thread(target=_drain, args=(self._jobs,), name=name, daemon=True)
-        self._thread.start()
+        names = [name] if threads == 1 else [f"{name}-{i}" for i in range(threads)]
+        self._threads = [threading.Thread(target=_drain, args=(self._jobs,), name=n, daemon=True) for n in names]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, transfer: Transfer, label: str) -> Ticket:
         """Queue `transfer` of the expert `label` (how errors name it)."""
-        if not self._thread.is_alive():
+        if not all(thread.is_alive() for thread in self._threads):
             raise RuntimeError("the specmd watchdog is stopped (the model was closed)")
         ticket = Ticket(transfer, self._failures, label)
         self._jobs.put(ticket)
@@ -123,11 +129,13 @@ class Watchdog:
             raise error
 
     def stop(self, timeout_s: float = 10.0) -> bool:
-        """Finish the queued copies and end the thread; False, with a warning, if a copy runs on after `timeout_s`."""
-        if self._thread.is_alive():
-            self._jobs.put(_STOP)
-            self._thread.join(timeout_s)
-        if self._thread.is_alive():
+        """Finish the queued copies and end the threads; False, with a warning, if a copy runs on after `timeout_s`."""
+        alive = [thread for thread in self._threads if thread.is_alive()]
+        for _ in alive:
+            self._jobs.put(_STOP)  # each thread takes one and ends
+        for thread in alive:
+            thread.join(timeout_s)
+        if any(thread.is_alive() for thread in self._threads):
             warnings.warn(
                 f"the specmd transfer thread is still in a copy after {timeout_s:g} s; it is a daemon thread and ends "
                 "with the process",
