@@ -11,6 +11,13 @@ not yet used (`collision_misses_prefetched`) or an expert resident from an earli
 prefetches issued; *recall* = requests served by a prefetch / requests. *Stall* is emulated time compute waited on
 transfers. *TTFT* is the emulated time of a prefill pass (mean over prefills); *tokens/s* is decode
 tokens / decode emulated time; the wall-clock versions sit beside them.
+
+Speculative decoding (`generate(speculative=...)`) adds: *drafted* / *accepted* tokens (`acceptance_rate` =
+accepted / drafted), *verify passes* (the target's decode passes; `tokens_per_verify` = decode tokens / verify
+passes), the draft's emulated time (counted in decode time, so tokens/s is tokens over everything decoding
+took), *lookahead* prefetches (experts the draft's routing predicted for the verify pass) issued, used (requested
+in their layer of that pass) and late (still in flight then), the K chosen for each verify pass, and the
+draft's own fast memory (`draft_capacity_bytes`, `draft_peak_resident_bytes`).
 """
 
 from __future__ import annotations
@@ -96,10 +103,37 @@ class CacheStats:
     peak_resident_bytes: int
     capacity_bytes: int
     per_layer: list[dict[str, Any]] = field(default_factory=list)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float = 0.0
+    verify_passes: int = 0
+    tokens_per_verify: float = 0.0
+    draft_time_s: float = 0.0
+    lookahead_prefetches_issued: int = 0
+    lookahead_prefetches_used: int = 0
+    lookahead_prefetches_late: int = 0
+    speculate_k: list[int] = field(default_factory=list)
+    draft_capacity_bytes: int = 0
+    draft_peak_resident_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         return asdict(self)
+
+
+@dataclass(slots=True)
+class SpeculationCounters:
+    """Counters of speculative decoding (all zero when it is off)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    verify_passes: int = 0
+    draft_s: float = 0.0
+    draft_wall_s: float = 0.0
+    lookahead_issued: int = 0
+    lookahead_used: int = 0
+    lookahead_late: int = 0
+    k_chosen: list[int] = field(default_factory=list)
 
 
 class StatsRecorder:
@@ -119,6 +153,23 @@ class StatsRecorder:
         self.decode_tokens = 0
         self.decode_s = 0.0
         self.decode_wall_s = 0.0
+        self.speculation = SpeculationCounters()
+
+    def record_draft(self, emulated_s: float, wall_s: float) -> None:
+        """Time the draft's passes took before a verify pass: decode time, as the draft runs to decode."""
+        self.speculation.draft_s += emulated_s
+        self.speculation.draft_wall_s += wall_s
+        self.decode_s += emulated_s
+        self.decode_wall_s += wall_s
+
+    def record_verify(self, k: int, accepted: int) -> None:
+        """A verify pass of `k` drafted tokens, `accepted` of them kept (each a decode token beyond the pass's own)."""
+        spec = self.speculation
+        spec.verify_passes += 1
+        spec.drafted += k
+        spec.accepted += accepted
+        spec.k_chosen.append(k)
+        self.decode_tokens += accepted
 
     def record_pass(self, prefill: bool, sequences: int, emulated_s: float, wall_s: float) -> None:
         if prefill:
@@ -131,7 +182,10 @@ class StatsRecorder:
             self.decode_s += emulated_s
             self.decode_wall_s += wall_s
 
-    def snapshot(self, peak_resident_bytes: int, capacity_bytes: int) -> CacheStats:
+    def snapshot(
+        self, peak_resident_bytes: int, capacity_bytes: int, draft_capacity_bytes: int = 0, draft_peak_bytes: int = 0
+    ) -> CacheStats:
+        spec = self.speculation
         per_layer = [self.layers[layer] for layer in self._layer_ids]
         total = {name: sum(getattr(c, name) for c in per_layer) for name in _SUMMED}
         return CacheStats(
@@ -154,4 +208,16 @@ class StatsRecorder:
             peak_resident_bytes=peak_resident_bytes,
             capacity_bytes=capacity_bytes,
             per_layer=[c.to_dict() for c in per_layer],
+            drafted_tokens=spec.drafted,
+            accepted_tokens=spec.accepted,
+            acceptance_rate=_ratio(spec.accepted, spec.drafted),
+            verify_passes=spec.verify_passes,
+            tokens_per_verify=_ratio(self.decode_tokens, spec.verify_passes),
+            draft_time_s=spec.draft_s,
+            lookahead_prefetches_issued=spec.lookahead_issued,
+            lookahead_prefetches_used=spec.lookahead_used,
+            lookahead_prefetches_late=spec.lookahead_late,
+            speculate_k=list(spec.k_chosen),
+            draft_capacity_bytes=draft_capacity_bytes,
+            draft_peak_resident_bytes=draft_peak_bytes,
         )
