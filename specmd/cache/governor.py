@@ -5,20 +5,25 @@ for every K in 0..K_max, and picks the best rate:
 
     tokens(K) = (1 - a^(K+1)) / (1 - a)                       (K + 1 when a = 1)
     cost(K)   = K * c_draft + verify(K + 1) + max(0, L * m * u(K + 1) * t_x - K * c_draft)
-    u(n)      = E * (1 - (1 - k / E)^n)
+    u(n)      = E * (1 - (1 - k / E)^(1 + r * (n - 1)))
 
-a is the running acceptance rate, c_draft the measured emulated time of one draft pass, verify(n) the compute
-of a pass over n tokens on the hardware profile (roofline: dense layers, u(n) experts per MoE layer, the head),
-L the MoE layers, E and k the experts per layer and per token, u(n) the distinct experts n tokens route to if
-they chose independently, m the measured fraction of requested experts that had to cross the link (misses
+a is the running acceptance rate (accepted / drafted tokens, older steps weighing less), c_draft the measured
+emulated time of one draft pass, verify(n) the compute of a pass over n tokens on the hardware profile
+(roofline: dense layers, u(n) experts per MoE layer, the head), L the MoE layers, E and k the experts per layer
+and per token, and u(n) the distinct experts n consecutive tokens route to: as many as 1 + r * (n - 1) tokens
+choosing independently would (r = 1: they share no more than chance; r = 0: all choose alike), r measured from
+the verify passes' requests. m is the measured fraction of requested experts that had to cross the link (misses
 and lookahead prefetches), t_x one expert's transfer (latency + bytes / bandwidth). The last term is the link
-time the verify pass's experts need that the lookahead could not hide behind the K draft passes. K = 0 is plain
-decoding. Once a K has been run its measured cost per step replaces the model's, and the governor starts with
-plain steps to measure plain decoding, so a K is chosen only while it measures (or, untried, models) faster.
+time the verify pass's experts need that the lookahead could not hide behind the K draft passes. K = 0 is
+plain decoding. Once a K has been run its measured cost per step replaces the model's, and the governor starts
+with plain steps to measure plain decoding, so a K is chosen only while it measures (or, untried, models)
+faster per token. It keeps no memory of why it stopped: a K = 0 step teaches it nothing about drafts, so once
+plain decoding measures best it stays with it (Cascade's switch-off).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,9 +31,10 @@ from specmd.cache.clock import PassInfo
 from specmd.cache.manager import CacheManager
 
 AUTO = "auto"
-DEFAULT_K_MAX = 6
+DEFAULT_K_MAX = 8
 PLAIN_PROBES = 2  # plain steps the governor measures before it models
 _SMOOTHING = 0.25  # weight of the newest step in running means
+_MEMORY = 0.9  # the acceptance counts decay by this each step that drafts, so the rate follows the text
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,8 @@ class AmortizationGovernor:
         self._transfer_s = 0.0 if link.bytes_per_s is None else link.latency_s + self._bytes / link.bytes_per_s
         self._draft_bytes = draft.layout.expert_bytes[draft.layout.precision]
         self._draft = draft
-        self._accepted, self._drafted = 2.0, 4.0  # a prior of one half, worth four drafted tokens
+        self._accepted, self._drafted = 2.8, 4.0  # a prior of 0.7, worth four drafted tokens
+        self._sharing = 0.5  # r of the module docstring, before any verify pass measured it
         self._miss: float | None = None
         self._draft_s: float | None = None
         self._cost: dict[int, float] = {}  # K -> measured emulated seconds per step
@@ -113,8 +120,9 @@ class AmortizationGovernor:
         return self._accepted / self._drafted
 
     def distinct(self, tokens: int) -> float:
-        """Expected distinct experts per MoE layer that `tokens` tokens route to (independent choices)."""
-        return self._experts * (1.0 - (1.0 - self._top_k / self._experts) ** tokens)
+        """Expected distinct experts per MoE layer that `tokens` tokens of one sequence route to."""
+        independent = 1.0 + self._sharing * (tokens - 1)
+        return self._experts * (1.0 - (1.0 - self._top_k / self._experts) ** independent)
 
     def expected_tokens(self, k: int) -> float:
         """Tokens a step drafting `k` yields on average: kept drafts plus the model's own next token."""
@@ -146,11 +154,15 @@ class AmortizationGovernor:
         self._steps += 1
         k, before, after = outcome.k, outcome.before, outcome.after
         if k:
-            self._accepted += outcome.kept
-            self._drafted += k
+            self._accepted = _MEMORY * self._accepted + outcome.kept
+            self._drafted = _MEMORY * self._drafted + k
         requests = after.requests - before.requests
         if requests:
             self._miss = _blend(self._miss, (after.transferred - before.transferred) / requests)
+            distinct = requests / self._layers
+            if k and self._top_k < distinct < self._experts:
+                independent = math.log(1.0 - distinct / self._experts) / math.log(1.0 - self._top_k / self._experts)
+                self._sharing = _blend(self._sharing, min(1.0, max(0.0, (independent - 1.0) / k)))
         spent = after.time_s - before.time_s
         self._cost[k] = _blend(self._cost.get(k), spent)
         if k:
@@ -177,24 +189,29 @@ def _blend(old: float | None, new: float) -> float:
     return new if old is None else (1.0 - _SMOOTHING) * old + _SMOOTHING * new
 
 
-def make_governor(speculative: Any, target: CacheManager, draft: Any) -> Governor:
-    """The governor `speculative` names: a whole number K >= 0, "auto" or "auto:K_max"; anything else is a
-    ValueError. A K > 0 or "auto" needs the model's self-draft (`draft`)."""
-    k_max = None
+def check_speculative(speculative: object) -> int | None:
+    """K_max of an "auto" / "auto:K_max" setting, None for a fixed K >= 0; anything else is a ValueError."""
     if isinstance(speculative, str) and (speculative == AUTO or speculative.startswith(AUTO + ":")):
         text = speculative[len(AUTO) + 1 :] or str(DEFAULT_K_MAX)
-        k_max = int(text) if text.isdigit() else -1
-        if k_max < 1:
+        if not (text.isdigit() and int(text) >= 1):
             raise ValueError(f"speculative={speculative!r}: 'auto:K_max' needs a whole number K_max >= 1")
-    elif isinstance(speculative, bool) or not isinstance(speculative, int) or speculative < 0:
+        return int(text)
+    if isinstance(speculative, bool) or not isinstance(speculative, int) or speculative < 0:
         raise ValueError(
             f"speculative must be a whole number of drafted tokens K >= 0, 'auto' or 'auto:K_max', got {speculative!r}"
         )
+    return None
+
+
+def make_governor(speculative: int | str, target: CacheManager, draft: Any) -> Governor:
+    """The governor `speculative` names (`check_speculative`). A K > 0 or "auto" needs the model's self-draft
+    (`draft`, a `SelfDraft`), else it is a ValueError."""
+    k_max = check_speculative(speculative)
     if (k_max is not None or speculative) and draft is None:
         raise ValueError(
             "speculative decoding needs a self-draft: load the model with draft_frac=... or draft_bytes=... "
             "(and draft_precision=..., default int4)"
         )
     if k_max is None:
-        return FixedK(speculative)
+        return FixedK(speculative)  # type: ignore[arg-type]
     return AmortizationGovernor(target, draft.manager, k_max)

@@ -151,6 +151,7 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     options.add_sampling(generate)
     options.add_policy(generate)
     options.add_offload_options(generate, bandwidth=options.PROFILE)
+    options.add_speculation(generate)
     options.add_output(generate)
     generate.set_defaults(func=cmd_generate)
 
@@ -163,7 +164,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     encoded = options.encode_prompts(tokenizer, prompts)
     stream = None if args.json else lambda index: output.TextStream(tokenizer, prompts[index])
     with options.load_model(args, args.policy) as model:
-        texts = options.continuations(model, tokenizer, encoded, args.max_new_tokens, **sampling, stream=stream)
+        texts = options.continuations(
+            model, tokenizer, encoded, args.max_new_tokens, **sampling, stream=stream, speculative=args.speculate
+        )
         stats = model.cache_stats()
         offload_options = model.offload_options.to_dict()
     output.emit(args, {"model": args.model, "options": offload_options, "outputs": texts, "stats": stats.to_dict()})

@@ -82,6 +82,7 @@ class OffloadRuntime:
         self.manager = manager
         self.draft = draft
         self._target: CacheManager | None = None  # while the draft runs: the target's manager (self.manager's draft's)
+        self.governors: dict[int | str, Any] = {}  # speculative setting -> its governor (they learn as they run)
         self.watchdog = watchdog
         self.meta = dict(meta)
         self.predictor = predictor

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from specmd.cache.governor import Counters, Governor, VerifyOutcome, make_governor
+from specmd.cache.governor import Counters, Governor, VerifyOutcome, check_speculative, make_governor
 
 SUPPORTED = (
     "input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
@@ -109,7 +109,10 @@ def speculative_generate(model: Any, speculative: int | str, **kwargs: Any) -> t
     eos = config.eos_token_id
     stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     runtime = model._runtime()
-    governor = make_governor(speculative, runtime.manager, runtime.draft)
+    check_speculative(speculative)
+    governor = runtime.governors.get(speculative)  # what a governor learned carries over to the next text
+    if governor is None:
+        governor = runtime.governors[speculative] = make_governor(speculative, runtime.manager, runtime.draft)
     streamer = kwargs.get("streamer")
     with model._forward_lock, torch.no_grad():
         tokens = _decode(model, runtime, input_ids, new, Picker.from_config(config), governor, stops, streamer)
