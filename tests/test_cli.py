@@ -53,6 +53,11 @@ def test_demo_tells_the_papers_story_from_one_run(cache_dir: Path) -> None:
     assert stats["topk/lru/fetch/standard"]["hit_rate"] > lru["hit_rate"] + 0.2  # prefetches land
     assert belady["hit_rate"] >= max(s["hit_rate"] for p, s in stats.items() if p.startswith("none/"))
     assert all(r["note"] for r in result["results"])
+    # the live speculative row: the same text as plain greedy decoding, drafts verified, its own fast memory
+    speculative = result["speculative"]
+    assert speculative["outputs"] == result["live"]["outputs"]
+    assert speculative["stats"]["verify_passes"] > 0 and speculative["stats"]["draft_capacity_bytes"] > 0
+    assert speculative["stats"]["decode_tokens"] == 5 * prompts and speculative["note"]
 
 
 def test_demo_table(cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -40,7 +40,7 @@ from specmd.cache.hardware import DEFAULT_HARDWARE
 from specmd.cache.layout import ExpertLayout
 from specmd.cache.policies.plugins import load_plugin, loaded_plugins
 from specmd.cache.policies.spec import PolicySpec, configuration_names
-from specmd.cache.stats import CacheStats
+from specmd.cache.stats import SPECULATION_FIELDS, CacheStats
 from specmd.sim.replay import check_replay, run_trace
 from specmd.sim.trace import Trace, load_trace
 
@@ -49,7 +49,7 @@ UNBOUNDED = "none/lru/fetch/standard"
 NATIVE = "native"
 
 KEY_COLUMNS = ["trace_sha256", "policy", "cache_frac", "bandwidth_gbps", "hardware", "shape_from"]
-STAT_COLUMNS = [f.name for f in fields(CacheStats)]
+STAT_COLUMNS = [f.name for f in fields(CacheStats) if f.name not in SPECULATION_FIELDS]  # replay never speculates
 COLUMNS = [
     "trace", *KEY_COLUMNS, "baseline", "prefetch", "eviction", "miss", "routing", "specmd_version", *STAT_COLUMNS,
 ]  # fmt: skip
@@ -193,6 +193,8 @@ def run_one(run: Run, price_as: ExpertLayout | None = None) -> dict[str, Any]:
         cache_frac=run.cache_frac, policy=run.policy, bandwidth_gbps=run.bandwidth_gbps, hardware=run.hardware
     )
     stats = run_trace(trace, config, price_as).to_dict()
+    for name in SPECULATION_FIELDS:
+        del stats[name]
     stats["per_layer"] = json.dumps(stats["per_layer"])
     stats["fetches_by_precision"] = json.dumps(stats["fetches_by_precision"])
     spec = config.policy
