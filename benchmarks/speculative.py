@@ -4,7 +4,8 @@ For each hardware profile and capacity, on the bundled model priced as OLMoE-1B-
 bundled prompts: emulated decode tokens/s of
   * plain decoding with each non-speculative mix of `MIXES` (the best of them is "best mix"),
   * the same best mix given the draft's fast memory as extra cache ("best mix + draft memory": equal memory),
-  * speculation with the governor ("auto") over the speculating mix, and with fixed K,
+  * speculation with the governor ("auto") over the speculating mix, and with fixed K; and "auto" with a
+    quarter of the draft's memory (its experts then cross the link too),
 and the acceptance rate of the int4 and int2 self-drafts; wall-clock tokens/s beside. The draft's experts are
 resident from the start (`draft_cache.warm()`), as a draft loaded on the device would be; its bytes are
 reported (and they are what the equal-memory row gets).
@@ -88,6 +89,10 @@ def cell(hardware: str, capacity: float, encoded: Sequence[Any], args: argparse.
                 rows["auto"] = run(model, encoded, args.new_tokens, speculative="auto")
             for k in args.fixed_k if precision == "int4" else args.fixed_k[-1:]:
                 rows[f"K={k} {precision}"] = run(model, encoded, args.new_tokens, speculative=k)
+    small = {"draft_frac": args.draft_frac / 4, "draft_precision": "int4"}
+    with model_with(hardware, capacity, policy=SPECULATING_MIX, **small) as model:
+        model.draft_cache.warm()
+        rows[f"auto, draft {small['draft_frac']:.0%}"] = run(model, encoded, args.new_tokens, speculative="auto")
     draft_bytes = rows["auto"]["draft_capacity_bytes"]
     with model_with(hardware, None, policy=best, cache_bytes=rows[best]["capacity_bytes"] + draft_bytes) as model:
         rows["best mix + draft memory"] = run(model, encoded, args.new_tokens)

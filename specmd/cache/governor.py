@@ -17,8 +17,9 @@ and lookahead prefetches), t_x one expert's transfer (latency + bytes / bandwidt
 time the verify pass's experts need that the lookahead could not hide behind the K draft passes. K = 0 is
 plain decoding. Once a K has been run its measured cost per step replaces the model's, and the governor starts
 with plain steps to measure plain decoding, so a K is chosen only while it measures (or, untried, models)
-faster per token. It keeps no memory of why it stopped: a K = 0 step teaches it nothing about drafts, so once
-plain decoding measures best it stays with it (Cascade's switch-off).
+faster per token; where a K > 0 is best, the next K up is tried once if it has not run (the model's u(n) is an
+estimate, and a step is cheap to measure). A K = 0 step teaches it nothing new about drafts, so once plain
+decoding measures best it stays with it (Cascade's switch-off).
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ class AmortizationGovernor:
             k = 0
         else:
             k = max(range(top + 1), key=lambda k: (self.expected_tokens(k) / self.cost(k, context), -k))
+            if k and k < top and k + 1 not in self._cost:
+                k += 1  # speculation pays and the next K up has not run: try it once (the model may overprice it)
         self.chosen.append(k)
         return k
 
