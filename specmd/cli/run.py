@@ -134,6 +134,11 @@ def speculative_row(args: argparse.Namespace, tokenizer: Any, encoded: Any) -> d
 def speculation_note(stats: Any, plain: Any) -> str:
     """What the live speculative row shows against the same mix decoding plainly (its replay row)."""
     speed = stats.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else 0.0
+    if not stats.drafted_tokens:
+        return (
+            "The governor chose K = 0 at every step: on this profile a draft pass pays the per-layer overhead of any "
+            "pass, more than the drafts would save, so this is plain decoding (the same counters as the mix's row)."
+        )
     return (
         f"The model drafts with its own experts at int4 ({stats.draft_capacity_bytes / 1e6:,.0f} MB of fast memory "
         f"beside the cache), verifies K+1 tokens per pass and prefetches what the draft routed to: "
