@@ -136,8 +136,9 @@ def speculation_note(stats: Any, plain: Any) -> str:
     speed = stats.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else 0.0
     if not stats.drafted_tokens:
         return (
-            "The governor chose K = 0 at every step: on this profile a draft pass pays the per-layer overhead of any "
-            "pass, more than the drafts would save, so this is plain decoding (the same counters as the mix's row)."
+            "The governor chose K = 0 at every step: on this profile every draft pass pays the per-layer overhead of a "
+            "whole pass, and its model priced speculation above plain decoding; so this is plain decoding (the same "
+            "counters as the mix's row)."
         )
     return (
         f"The model drafts with its own experts at int4 ({stats.draft_capacity_bytes / 1e6:,.0f} MB of fast memory "
