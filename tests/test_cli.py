@@ -53,6 +53,11 @@ def test_demo_tells_the_papers_story_from_one_run(cache_dir: Path) -> None:
     assert stats["topk/lru/fetch/standard"]["hit_rate"] > lru["hit_rate"] + 0.2  # prefetches land
     assert belady["hit_rate"] >= max(s["hit_rate"] for p, s in stats.items() if p.startswith("none/"))
     assert all(r["note"] for r in result["results"])
+    # the live speculative row: the same text as plain greedy decoding, drafts verified, its own fast memory
+    speculative = result["speculative"]
+    assert speculative["outputs"] == result["live"]["outputs"]
+    assert speculative["stats"]["verify_passes"] > 0 and speculative["stats"]["draft_capacity_bytes"] > 0
+    assert speculative["stats"]["decode_tokens"] == 5 * prompts and speculative["note"]
 
 
 def test_demo_table(cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -197,3 +202,16 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
     assert exit_.value.code == 0 and "--json" in capsys.readouterr().out
+
+
+def test_generate_speculates_to_the_same_text(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path) -> None:
+    plain, _ = generate(monkeypatch, cache_dir, tmp_path, "--prompt", "import os")
+    spec, shown = generate(monkeypatch, cache_dir, tmp_path, "--prompt", "import os", "--speculate", "auto")
+    assert spec["outputs"] == plain["outputs"]  # greedy: speculation does not change the text
+    stats = spec["stats"]
+    assert stats["verify_passes"] == len(stats["speculate_k"]) > 0 and stats["draft_capacity_bytes"] > 0
+    assert spec["options"]["draft_precision"] == "nf4" and spec["options"]["draft_frac"] == 1.0
+    assert (
+        "acceptance rate" in shown.getvalue()
+        and "acceptance rate" not in generate(monkeypatch, cache_dir, tmp_path, "--prompt", "import os")[1].getvalue()
+    )

@@ -150,6 +150,7 @@ class CacheManager:
             for i, layer in enumerate(self.moe_layers)
         }
         self._moe_position = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self._lookahead: dict[ExpertKey, int] = {}  # lookahead prefetches queued or issued -> the pass they are for
         self._expert_cost: dict[int, dict[int, float]] = {}  # bytes -> tokens -> seconds, from the compute model
 
     @property
@@ -194,6 +195,8 @@ class CacheManager:
         self._evicted_in_pass.clear()
         if self._queue:
             self._keep_queued(lambda key, target_pass: target_pass >= self.pass_idx)
+        if self._lookahead:
+            self._lookahead = {key: p for key, p in self._lookahead.items() if p >= self.pass_idx}
         self._pass_start = self.time
         self._wall_start = self._wall_mark = self.wall()
         self._in_pass = True
@@ -322,6 +325,8 @@ class CacheManager:
                 used += 1
                 entry.prefetch_pass = 0
                 del unused[key]
+                if self._lookahead:
+                    self._count_lookahead(key, entry.ready_at > t)
             cache.hold(entry)
             cache.touch(key, tick)
             ready.append((entry.ready_at, expert, key, entry, tokens))
@@ -551,9 +556,10 @@ class CacheManager:
         if self._queue and any(p == pass_idx and key.layer <= layer for key, p in self._queue):
             self._keep_queued(lambda key, p: p > pass_idx or key.layer > layer)
 
-    def _pump(self, start_s: float, until_s: float, left: int) -> None:
+    def _pump(self, start_s: float, until_s: float, left: int, beyond: int | None = None) -> None:
         """Start queued prefetches, in order, at the times from `start_s` to `until_s` when the link is free and room
-        can be made by evicting experts of layers up to `left` (those the pass has computed)."""
+        can be made by evicting experts of layers up to `left` (those the pass has computed); `beyond` overrides the
+        layers after which stale experts may go (default: the prefetch's target layer in this pass, none otherwise)."""
         cache, queue, link, path = self.cache, self._queue, self.link, self.path
         while queue:
             key, target_pass = queue[0]
@@ -568,7 +574,8 @@ class CacheManager:
             nbytes = cache.nbytes(key)
             tick = Tick(self.step, self.pass_idx, left, begin)
             # For this pass, the experts of layers after the target are needed later than it: stale ones may go.
-            evicted = cache.make_room(nbytes, tick, left, key.layer if target_pass == self.pass_idx else ANY_LAYER)
+            bound = (key.layer if target_pass == self.pass_idx else ANY_LAYER) if beyond is None else beyond
+            evicted = cache.make_room(nbytes, tick, left, bound)
             if evicted is None:
                 return  # blocked until pins are released or the pass moves on
             queue.popleft()
@@ -581,6 +588,8 @@ class CacheManager:
                 finish, disk_until = path.transfer(key, nbytes, tick, counters, self.stats.layers)
                 cache.insert(key, tick, finish, prefetch_pass=target_pass).disk_until = disk_until
             self._unused_prefetches[key] = target_pass
+            if key in self._lookahead:
+                self.stats.speculation.lookahead_issued += 1
             counters.prefetches_issued += 1
             counters.bytes_transferred += nbytes
             self.stats.fetches_by_precision[key.precision] += 1
@@ -590,6 +599,55 @@ class CacheManager:
         for key in evicted:
             self.stats.layers[key.layer].evictions += 1
             self._evicted_in_pass[key] = self._unused_prefetches.pop(key, 0) == pass_idx
+
+    # ---- lookahead (speculative decoding) ----------------------------------------------------------
+    def lookahead(self, picks: Sequence[tuple[int, int]], since_s: float, now_s: float) -> None:
+        """Between passes, while a draft runs: let the link carry what is queued from `since_s` to `now_s`, then
+        queue `picks` ((MoE layer, expert), the first the most urgent) as prefetches for the next pass, ahead of
+        everything else queued, and start what the link takes at `now_s`.
+
+        The picks replace earlier lookahead picks not yet started; room for them is made by evicting any landed,
+        unpinned expert that is not an unused prefetch (the ended pass's prefetches no longer count as unused).
+        """
+        if self._in_pass:
+            raise RuntimeError("lookahead prefetches are queued between passes, not during one")
+        target_pass = self.pass_idx + 1
+        cache, unused = self.cache, self._unused_prefetches
+        for key in [key for key, p in unused.items() if p < target_pass]:  # their pass is over
+            entry = cache.get(key)
+            if entry is not None:
+                entry.prefetch_pass = 0
+            del unused[key]
+        if self._queue:
+            self._pump(since_s, now_s, -1, -1)
+        layers = self._keys
+        wanted = []
+        for layer, expert in picks:
+            if layer not in layers or not (isinstance(expert, int) and 0 <= expert < self.num_experts):
+                raise ValueError(f"lookahead pick {(layer, expert)!r} is not a (MoE layer, expert) of this model")
+            key = layers[layer][expert]
+            if key not in cache:
+                self._lookahead[key] = target_pass
+                wanted.append(key)
+        ahead = dict.fromkeys(wanted)
+        rest = [(key, p) for key, p in self._queue if p >= target_pass and key not in ahead]
+        self._queue = deque([(key, target_pass) for key in ahead] + rest)
+        self._queued = {key for key, _ in self._queue}
+        self._pump(now_s, now_s, -1, -1)
+
+    def advance_to(self, time_s: float) -> None:
+        """Between passes: move the clock on to `time_s` (another model, a draft, ran on the same link until then)."""
+        if self._in_pass:
+            raise RuntimeError("the clock moves on between passes, not during one")
+        if time_s > self.time:
+            self.time = time_s
+
+    def _count_lookahead(self, key: ExpertKey, late: bool) -> None:
+        if self._lookahead.get(key) == self.pass_idx:
+            spec = self.stats.speculation
+            spec.lookahead_used += 1
+            if late:
+                spec.lookahead_late += 1
 
     # ---- metrics -------------------------------------------------------------------------------
     def snapshot(self) -> CacheStats:

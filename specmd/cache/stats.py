@@ -18,6 +18,13 @@ disk (`disk_bytes_read`; with no host tier every transfer reads the disk and nei
 `host_hit_rate` = host hits / (host hits + host misses); `host_evictions` count the host tier's own.
 *Disk stall* (`disk_stall_s`) is the part of `stall_s` compute waited on an expert whose bytes were still
 being read from disk.
+
+Speculative decoding (`generate(speculative=...)`) adds: *drafted* / *accepted* tokens (`acceptance_rate` =
+accepted / drafted), *verify passes* (the target's decode passes; `tokens_per_verify` = decode tokens / verify
+passes), the draft's emulated time (counted in decode time, so tokens/s is tokens over everything decoding
+took), *lookahead* prefetches (experts the draft's routing predicted for the verify pass) issued, used (requested
+in their layer of that pass) and late (still in flight then), the K chosen for each verify pass, and the
+draft's own fast memory (`draft_capacity_bytes`, `draft_peak_resident_bytes`).
 """
 
 from __future__ import annotations
@@ -117,10 +124,45 @@ class CacheStats:
     peak_host_resident_bytes: int = 0
     host_capacity_bytes: int = 0
     per_layer: list[dict[str, Any]] = field(default_factory=list)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float = 0.0
+    verify_passes: int = 0
+    tokens_per_verify: float = 0.0
+    draft_time_s: float = 0.0
+    lookahead_prefetches_issued: int = 0
+    lookahead_prefetches_used: int = 0
+    lookahead_prefetches_late: int = 0
+    speculate_k: list[int] = field(default_factory=list)
+    draft_capacity_bytes: int = 0
+    draft_peak_resident_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         return asdict(self)
+
+
+SPECULATION_FIELDS = (
+    "drafted_tokens", "accepted_tokens", "acceptance_rate", "verify_passes", "tokens_per_verify", "draft_time_s",
+    "lookahead_prefetches_issued", "lookahead_prefetches_used", "lookahead_prefetches_late", "speculate_k",
+    "draft_capacity_bytes", "draft_peak_resident_bytes",
+)  # fmt: skip
+"""`CacheStats`' fields of speculative decoding: a live model's; a trace replay leaves them zero."""
+
+
+@dataclass(slots=True)
+class SpeculationCounters:
+    """Counters of speculative decoding (all zero when it is off)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    verify_passes: int = 0
+    draft_s: float = 0.0
+    draft_wall_s: float = 0.0
+    lookahead_issued: int = 0
+    lookahead_used: int = 0
+    lookahead_late: int = 0
+    k_chosen: list[int] = field(default_factory=list)
 
 
 class StatsRecorder:
@@ -140,6 +182,23 @@ class StatsRecorder:
         self.decode_tokens = 0
         self.decode_s = 0.0
         self.decode_wall_s = 0.0
+        self.speculation = SpeculationCounters()
+
+    def record_draft(self, emulated_s: float, wall_s: float) -> None:
+        """Time the draft's passes took before a verify pass: decode time, as the draft runs to decode."""
+        self.speculation.draft_s += emulated_s
+        self.speculation.draft_wall_s += wall_s
+        self.decode_s += emulated_s
+        self.decode_wall_s += wall_s
+
+    def record_verify(self, k: int, accepted: int) -> None:
+        """A verify pass of `k` drafted tokens, `accepted` of them kept (each a decode token beyond the pass's own)."""
+        spec = self.speculation
+        spec.verify_passes += 1
+        spec.drafted += k
+        spec.accepted += accepted
+        spec.k_chosen.append(k)
+        self.decode_tokens += accepted
 
     def record_pass(self, prefill: bool, sequences: int, emulated_s: float, wall_s: float) -> None:
         if prefill:
@@ -153,8 +212,15 @@ class StatsRecorder:
             self.decode_wall_s += wall_s
 
     def snapshot(
-        self, peak_resident_bytes: int, capacity_bytes: int, peak_host_bytes: int = 0, host_capacity_bytes: int = 0
+        self,
+        peak_resident_bytes: int,
+        capacity_bytes: int,
+        peak_host_bytes: int = 0,
+        host_capacity_bytes: int = 0,
+        draft_capacity_bytes: int = 0,
+        draft_peak_bytes: int = 0,
     ) -> CacheStats:
+        spec = self.speculation
         per_layer = [self.layers[layer] for layer in self._layer_ids]
         total = {name: sum(getattr(c, name) for c in per_layer) for name in _SUMMED}
         return CacheStats(
@@ -180,6 +246,18 @@ class StatsRecorder:
             peak_host_resident_bytes=peak_host_bytes,
             host_capacity_bytes=host_capacity_bytes,
             per_layer=[c.to_dict() for c in per_layer],
+            drafted_tokens=spec.drafted,
+            accepted_tokens=spec.accepted,
+            acceptance_rate=_ratio(spec.accepted, spec.drafted),
+            verify_passes=spec.verify_passes,
+            tokens_per_verify=_ratio(self.decode_tokens, spec.verify_passes),
+            draft_time_s=spec.draft_s,
+            lookahead_prefetches_issued=spec.lookahead_issued,
+            lookahead_prefetches_used=spec.lookahead_used,
+            lookahead_prefetches_late=spec.lookahead_late,
+            speculate_k=list(spec.k_chosen),
+            draft_capacity_bytes=draft_capacity_bytes,
+            draft_peak_resident_bytes=draft_peak_bytes,
         )
 
 
@@ -189,8 +267,8 @@ def combine(parts: Sequence[CacheStats]) -> CacheStats:
     Counters (requests, hits, bytes, passes, ... and every per-layer counter) are summed and every rate is
     recomputed from the sums: `hit_rate` is all hits / all requests, `ttft_s` all prefill time / all
     prefills, `tokens_per_s` all decode tokens / all decode time (a rate per cache, not the ranks' summed
-    throughput). `peak_resident_bytes`, `capacity_bytes` and their host-tier counterparts are each cache's own:
-    the largest of the parts.
+    throughput). `peak_resident_bytes`, `capacity_bytes` and their host-tier and draft counterparts are each
+    cache's own: the largest of the parts; the K chosen per verify pass are the parts' lists one after another.
     Each part's prefill and decode times are recovered from its rates, so times agree to float rounding.
     """
     if not parts:
@@ -209,9 +287,20 @@ def combine(parts: Sequence[CacheStats]) -> CacheStats:
         recorder.decode_tokens += part.decode_tokens
         recorder.decode_s += _ratio(part.decode_tokens, part.tokens_per_s)
         recorder.decode_wall_s += _ratio(part.decode_tokens, part.wall_tokens_per_s)
+        spec = recorder.speculation
+        spec.drafted += part.drafted_tokens
+        spec.accepted += part.accepted_tokens
+        spec.verify_passes += part.verify_passes
+        spec.draft_s += part.draft_time_s
+        spec.lookahead_issued += part.lookahead_prefetches_issued
+        spec.lookahead_used += part.lookahead_prefetches_used
+        spec.lookahead_late += part.lookahead_prefetches_late
+        spec.k_chosen.extend(part.speculate_k)
     return recorder.snapshot(
         max(part.peak_resident_bytes for part in parts),
         max(part.capacity_bytes for part in parts),
         max(part.peak_host_resident_bytes for part in parts),
         max(part.host_capacity_bytes for part in parts),
+        max(part.draft_capacity_bytes for part in parts),
+        max(part.draft_peak_resident_bytes for part in parts),
     )

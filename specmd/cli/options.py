@@ -81,6 +81,15 @@ def fraction(text: str) -> float:
     return _number(text, "with 0 < value <= 1", lambda v: 0 < v <= 1)
 
 
+def speculation(text: str) -> int | str:
+    """An argparse type: drafted tokens per verify pass, a whole number K >= 0, or auto / auto:K_max."""
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) >= 1):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a whole number K >= 0, auto or auto:K_max (K_max >= 1), got {text!r}")
+
+
 def byte_size(text: str) -> int:
     """An argparse type: a byte count, as digits or a size such as 3MB or 6GiB (`specmd.cache.sizes`)."""
     from specmd.cache.sizes import SIZE_FORMS, parse_size
@@ -408,8 +417,32 @@ def storage_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_speculation(parser: argparse.ArgumentParser) -> None:
+    """--speculate, --draft-frac, --draft-precision: speculative decoding with the self-draft (`load_model`)."""
+    parser.add_argument(
+        "--speculate", type=speculation, metavar="auto|K",
+        help="speculative decoding with the model's quantized self-draft: K drafted tokens per verify pass, or "
+        "auto (a governor picks K in 0..6 each step; auto:K_max sets the bound) (default: off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--draft-frac", type=fraction, default=1.0,
+        help="the draft's fast memory, as a fraction of every expert at the draft's precision (default 1: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--draft-precision", default="int4", help="the stored precision the draft's experts run at (default int4)"
+    )
+
+
+def draft_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`from_pretrained`'s draft keywords when --speculate is given (none otherwise)."""
+    if getattr(args, "speculate", None) is None:
+        return {}
+    return {"draft_frac": args.draft_frac, "draft_precision": args.draft_precision}
+
+
 def load_model(args: argparse.Namespace, policy: str) -> Any:
-    """The offloaded model of --model (or the model positional) with the `add_offload_options` settings."""
+    """The offloaded model of --model (or the model positional) with the `add_offload_options` settings (and
+    `add_speculation`'s, where the command has them)."""
     from specmd.offload_models.auto import AutoOffloadForCausalLM
 
     return AutoOffloadForCausalLM.from_pretrained(
@@ -424,6 +457,7 @@ def load_model(args: argparse.Namespace, policy: str) -> Any:
         dtype=torch_dtype(args.dtype),
         device_map={"": device(args)},
         progress=not args.json,
+        **draft_options(args),
     )
 
 
@@ -543,19 +577,23 @@ def continuations(
     top_p: float | None = None,
     seed: int | None = None,
     stream: Callable[[int], Any] | None = None,
+    speculative: int | str | None = None,
 ) -> list[str]:
     """The continuation of each prompt (`encode_prompts`' inputs), one request at a time.
 
     Greedy at `temperature` 0, else sampled from the temperature-scaled distribution, narrowed to the most
     likely tokens holding `top_p` of it (only those two: the model's generation config does not add a top-k);
     `seed` seeds each prompt's generation, so a prompt and seed give the same text. `stream(i)` makes the
-    `generate` streamer of prompt `i` (`output.TextStream`), which shows the text as it comes.
+    `generate` streamer of prompt `i` (`output.TextStream`), which shows the text as it comes. `speculative`
+    decodes speculatively with the model's self-draft (`generate(speculative=...)`); None decodes plainly.
     """
     from transformers import set_seed
 
     picking: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         picking = {"do_sample": True, "temperature": temperature, "top_p": top_p or 1.0, "top_k": 0}
+    if speculative is not None:
+        picking["speculative"] = speculative
     texts = []
     for index, inputs in enumerate(prompts):
         if seed is not None:

@@ -107,7 +107,27 @@ def print_stats(args: argparse.Namespace, stats: Any, *, wall: bool = True) -> N
     if getattr(args, "storage", "ram") == "disk":
         for name, fmt in DISK_METRICS:
             table.add_row(name, fmt(stats))
+    if stats.verify_passes:
+        for name, value in speculation_rows(stats):
+            table.add_row(name, value)
     show_metrics(table)
+
+
+def speculation_rows(stats: Any) -> list[tuple[str, str]]:
+    """The speculative-decoding metrics of `stats` (a run with `generate(speculative=...)`), as table rows."""
+    ks = stats.speculate_k
+    return [
+        ("drafted / accepted tokens", f"{stats.drafted_tokens:,} / {stats.accepted_tokens:,}"),
+        ("acceptance rate", f"{stats.acceptance_rate:.1%}"),
+        ("tokens per verify pass", f"{stats.tokens_per_verify:.2f}"),
+        ("mean K (min-max)", f"{sum(ks) / len(ks):.2f} ({min(ks)}-{max(ks)})"),
+        (
+            "lookahead prefetches used / issued (late)",
+            f"{stats.lookahead_prefetches_used:,} / {stats.lookahead_prefetches_issued:,} "
+            f"({stats.lookahead_prefetches_late:,})",
+        ),
+        ("draft's fast memory", f"{stats.draft_capacity_bytes / 1e6:,.1f} MB"),
+    ]
 
 
 class TextStream:

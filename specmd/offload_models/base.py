@@ -11,7 +11,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
@@ -37,6 +37,7 @@ from specmd.offload_models.checkpoint import (
     checkpoint_files,
     read_config,
 )
+from specmd.offload_models.draft import SelfDraft
 from specmd.offload_models.experts import OffloadedExperts
 from specmd.offload_models.loading import check_loading_keywords
 from specmd.offload_models.observer import RoutingObserver
@@ -171,6 +172,9 @@ class OffloadMixin:
         shape_from: str | None = None,
         transfer_timeout_s: float = OffloadOptions.transfer_timeout_s,
         progress: bool = True,
+        draft_frac: float | None = None,
+        draft_bytes: int | str | None = None,
+        draft_precision: str = OffloadOptions.draft_precision,
         **kwargs: Any,
     ) -> Any:
         """Load a checkpoint with its experts in a cache of `cache_frac` (or `cache_bytes`: a count, or a size such
@@ -184,6 +188,8 @@ class OffloadMixin:
         except those specmd does not run, which are refused (`loading.check_loading_keywords`): the
         non-expert weights load whole onto one device. No code of the checkpoint's own runs unless
         `trust_remote_code=True` is passed (None counts as False: no prompt).
+        `draft_frac` / `draft_bytes` give the model a self-draft for `generate(speculative=...)`: its experts at
+        `draft_precision` in a cache of that budget (see `specmd.offload_models.speculative`).
         All settings are checked before anything loads; an error leaves nothing loaded and no thread.
 
         Example::
@@ -211,6 +217,9 @@ class OffloadMixin:
             shape_from=shape_from,
             transfer_timeout_s=transfer_timeout_s,
             progress=progress,
+            draft_frac=draft_frac,
+            draft_bytes=draft_bytes,
+            draft_precision=draft_precision,
         )
         check_loading_keywords(kwargs)
         want_info = kwargs.pop("output_loading_info", False)
@@ -310,14 +319,18 @@ class OffloadMixin:
             host_bytes = real(manager.path.host.capacity_bytes)
             check_host_memory(host_bytes)
         formats = {name: get_format(name) for name in precisions}
+        draft_format = get_format(options.draft_precision) if options.has_draft else None
+        stored = dict(formats)
+        if draft_format is not None:
+            stored.setdefault(draft_format.name, draft_format)
         copies = None
-        if any(fmt.persist for fmt in formats.values()):
+        if any(fmt.persist for fmt in stored.values()):
             copies = QuantizedCopies(
                 experts.files, model_type=config.model_type, layers=layout.moe_layers,
                 num_experts=layout.experts_per_layer, shape=shape,
             )  # fmt: skip
         store = open_store(
-            options.storage, experts, list(formats.values()), shape,
+            options.storage, experts, list(stored.values()), shape,
             pin=device.type == "cuda", progress=options.progress, copies=copies,
         )  # fmt: skip
         watchdog = None
@@ -342,7 +355,10 @@ class OffloadMixin:
                 "specmd_version": __version__,
             }
             predictor = make_predictor(meta["predictor"], routers)
-            runtime = OffloadRuntime(manager, watchdog, routers, meta, predictor, rebuild)
+            draft = None
+            if draft_format is not None:
+                draft = self._make_draft(options, price_as, store, watchdog, device)
+            runtime = OffloadRuntime(manager, watchdog, routers, meta, predictor, rebuild, draft)
             if not manager.policies.routing.neutral:
                 runtime.steer_routing(arch.router_contract, config, layout.top_k)  # type: ignore[arg-type]
         except BaseException:
@@ -357,6 +373,30 @@ class OffloadMixin:
         self.offload_options = options
         self.generation_config.disable_compile = True  # the per-layer cache logic is not compilable
         weakref.finalize(self, shutdown, watchdog, store)
+
+    def _make_draft(
+        self, options: OffloadOptions, price_as: ExpertLayout | None, store: Any, watchdog: Watchdog, device: Any
+    ) -> SelfDraft:
+        """The self-draft: a cache of the draft's budget over the same store, with its own arena."""
+        config, arch = self.config, self.arch
+        shape = arch.expert_shape(config)
+        precision = options.draft_precision
+        layout = arch.layout(config, (precision,), precision_of_dtype(self.dtype), self._model_shape(shape))
+        real_bytes = layout.expert_bytes[precision]
+        if price_as is not None:
+            layout = layout.priced_like(price_as)
+        capacity = options.draft_capacity_bytes(layout)
+        draft_options = replace(options, cache_frac=None, cache_bytes=capacity, draft_frac=None, draft_bytes=None)
+
+        def rebuild() -> CacheManager:
+            return build_manager(layout, draft_options, measured_compute=options.compute_time == "measured")
+
+        arena = SlotArena(-(-capacity * real_bytes // layout.expert_bytes[precision]), [real_bytes], device)
+        fmt = get_format(precision)
+        payload = LivePayload(
+            store, arena, watchdog, copier_for(device), {precision: fmt}, shape, timeout_s=options.transfer_timeout_s
+        )
+        return SelfDraft(rebuild, payload, layout.moe_layers)
 
     def _model_shape(self, expert: ExpertShape) -> ModelShape:
         config = self.config
@@ -391,6 +431,24 @@ class OffloadMixin:
         ):
             return super().forward(*args, **kwargs)  # type: ignore[misc]
 
+    def generate(self, *args: Any, speculative: int | str | None = None, **kwargs: Any) -> Any:
+        """transformers' `generate`; with `speculative` set, speculative decoding with the self-draft.
+
+        `speculative=K` drafts K tokens per verify pass (0 is plain decoding), `"auto"` (or `"auto:K_max"`) lets
+        the governor choose K in 0..K_max each step (`specmd.cache.governor`). It runs one unpadded sequence,
+        greedy or sampled (temperature, top_k, top_p), and returns the token ids as `generate` does; greedy output
+        is plain greedy decoding's. See `specmd.offload_models.speculative`.
+        """
+        if speculative is None:
+            return super().generate(*args, **kwargs)  # type: ignore[misc]
+        from specmd.offload_models.speculative import speculative_generate
+
+        if args:
+            kwargs["input_ids"] = args[0]
+            if len(args) > 1:
+                raise ValueError("speculative decoding takes its settings as keywords, not positional arguments")
+        return speculative_generate(self, speculative, **kwargs)
+
     def _runtime(self) -> OffloadRuntime:
         if self._specmd is None:
             raise RuntimeError(
@@ -421,12 +479,37 @@ class OffloadMixin:
             observers.remove(observer)
 
     def cache_stats(self) -> CacheStats:
-        """Counters since loading or the last `reset_cache_stats()`."""
-        return self._runtime().manager.snapshot()
+        """Counters since loading or the last `reset_cache_stats()` (with the self-draft's fast memory, if any)."""
+        runtime = self._runtime()
+        stats = runtime.manager.snapshot()
+        if runtime.draft is not None:
+            cache = runtime.draft.manager.cache
+            stats = replace(
+                stats, draft_capacity_bytes=cache.capacity_bytes, draft_peak_resident_bytes=cache.peak_resident_bytes
+            )
+        return stats
+
+    def draft_cache_stats(self) -> CacheStats:
+        """The self-draft's own cache counters (its passes, hits and transfers); an error without a draft."""
+        draft = self._runtime().draft
+        if draft is None:
+            raise RuntimeError("this model has no self-draft: load it with draft_frac=... or draft_bytes=...")
+        return draft.manager.snapshot()
+
+    @property
+    def draft_cache(self) -> ExpertCache:
+        """The self-draft's cache (`warm()` it to start with the draft's experts resident)."""
+        draft = self._runtime().draft
+        if draft is None:
+            raise RuntimeError("this model has no self-draft: load it with draft_frac=... or draft_bytes=...")
+        return draft.manager.cache
 
     def reset_cache_stats(self) -> None:
         """Zero the counters (the cache keeps what it holds)."""
-        self._runtime().manager.reset_stats()
+        runtime = self._runtime()
+        runtime.manager.reset_stats()
+        if runtime.draft is not None:
+            runtime.draft.manager.reset_stats()
 
     def close(self) -> None:
         """Stop the watchdog thread and drop the cache; the model cannot run afterwards."""

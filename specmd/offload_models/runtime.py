@@ -21,6 +21,7 @@ from specmd.cache.live.store import ExpertStore
 from specmd.cache.live.watchdog import Watchdog
 from specmd.cache.manager import CacheManager
 from specmd.cache.policies.base import Routed
+from specmd.offload_models.draft import SelfDraft
 from specmd.offload_models.experts import ExpertJob, OffloadedExperts
 from specmd.offload_models.observer import RoutingObserver
 from specmd.offload_models.predictors import NextLayerRouter, PredictedLogits, RoutePredictor, router_logits
@@ -76,8 +77,12 @@ class OffloadRuntime:
         meta: Mapping[str, Any],
         predictor: RoutePredictor,
         rebuild: Callable[[], CacheManager],
+        draft: SelfDraft | None = None,
     ) -> None:
         self.manager = manager
+        self.draft = draft
+        self._target: CacheManager | None = None  # while the draft runs: the target's manager (self.manager's draft's)
+        self.governors: dict[int | str, Any] = {}  # speculative setting -> its governor (they learn as they run)
         self.watchdog = watchdog
         self.meta = dict(meta)
         self.predictor = predictor
@@ -102,7 +107,7 @@ class OffloadRuntime:
         self.manager.begin_pass(info)
         self._token_mask = token_mask
         self._last_tokens = [end - 1 for end, n in zip(accumulate(news), news, strict=True) if n]
-        if self.observers:
+        if self.observers and self._target is None:
             rows = [(row, pasts[row] + j) for row in range(batch) for j in range(news[row])]
             for observer in self.observers:
                 observer.begin_pass(rows, batch, info.prefill)
@@ -114,14 +119,19 @@ class OffloadRuntime:
             raise
         else:
             self.manager.end_pass()
-            for observer in self.observers:
+            for observer in self.observers if self._target is None else ():
                 observer.end_pass()
             self._dirty = False
         finally:
             self._token_mask = None
 
     def _recover(self) -> None:
-        """Rebuild the cache empty with fresh policies, keeping the counters and the payload (its slots freed)."""
+        """Rebuild the cache empty with fresh policies, keeping the counters and the payload (its slots freed);
+        a draft pass that raised rebuilds the draft's cache alone."""
+        if self._target is not None and self.draft is not None:
+            self.manager = self.draft.recover()
+            self._dirty = False
+            return
         old = self.manager
         payload, host = old.payload, old.host_payload
         if payload is not None:
@@ -151,7 +161,8 @@ class OffloadRuntime:
         counts = torch.bincount(routed.reshape(-1), minlength=module.num_experts).tolist()  # [E]
         requests = {expert: n for expert, n in enumerate(counts) if n}
 
-        observing, default = bool(self.observers), self.predictor is self._next_layer
+        target = self._target
+        observing, default = bool(self.observers) and target is None, self.predictor is self._next_layer
         found = None
         if manager.wants_predictions or (observing and not default):
             found = self.predictor.predict(layer, real, self._last_tokens, manager.prediction_targets(layer))
@@ -168,7 +179,29 @@ class OffloadRuntime:
 
         job = ExpertJob(hidden_states, top_k_index, top_k_weights, module.act_fn)
         manager.run_layer(layer, requests, predicted, job, routing, probs)
+        if target is not None:  # a draft pass: its routing predicts the verify pass's experts
+            self.draft.observe(layer, routed, weights, target)  # type: ignore[union-attr]
         return job.result()
+
+    @contextmanager
+    def drafting(self) -> Iterator[SelfDraft]:
+        """Passes inside run the self-draft; on leaving, its emulated time counts as decode time of the target."""
+        draft = self.draft
+        if draft is None:
+            raise RuntimeError(
+                "speculative decoding needs a self-draft: load the model with draft_frac=... or draft_bytes=..."
+            )
+        if self._target is not None:
+            raise RuntimeError("the draft is already running")
+        target = self.manager
+        draft.begin(target)
+        wall = target.wall()
+        self._target, self.manager = target, draft.manager
+        try:
+            yield draft
+        finally:
+            self.manager, self._target = target, None
+            target.stats.record_draft(draft.end(target), target.wall() - wall)
 
     def _observe(
         self,

@@ -43,7 +43,7 @@ from specmd.cache.hardware import DEFAULT_HARDWARE
 from specmd.cache.layout import ExpertLayout
 from specmd.cache.policies.plugins import load_plugin, loaded_plugins
 from specmd.cache.policies.spec import PolicySpec, configuration_names
-from specmd.cache.stats import CacheStats
+from specmd.cache.stats import SPECULATION_FIELDS, CacheStats
 from specmd.sim.replay import check_replay, run_trace
 from specmd.sim.trace import Trace, load_trace
 
@@ -54,7 +54,7 @@ BACKENDS = ("local", "ray")
 
 KEY_COLUMNS = ["trace_sha256", "policy", "cache_frac", "bandwidth_gbps", "hardware", "shape_from",
                "storage", "host_cache_frac", "disk", "host_eviction"]  # fmt: skip
-STAT_COLUMNS = [f.name for f in fields(CacheStats)]
+STAT_COLUMNS = [f.name for f in fields(CacheStats) if f.name not in SPECULATION_FIELDS]  # replay never speculates
 COLUMNS = [
     "trace", *KEY_COLUMNS, "baseline", "prefetch", "eviction", "miss", "routing", "specmd_version", *STAT_COLUMNS,
 ]  # fmt: skip
@@ -271,6 +271,8 @@ def replay_run(run: Run, trace: Trace, price_as: ExpertLayout | None = None) -> 
         **run.lower.settings(),
     )  # fmt: skip
     stats = run_trace(trace, config, price_as).to_dict()
+    for name in SPECULATION_FIELDS:
+        del stats[name]
     stats["per_layer"] = json.dumps(stats["per_layer"])
     stats["fetches_by_precision"] = json.dumps(stats["fetches_by_precision"])
     spec = config.policy

@@ -87,3 +87,14 @@ def test_host_tier_peaks_are_the_largest_rank_and_its_rate_is_recomputed() -> No
     total = combine([near.snapshot(0, 1, peak_host_bytes=70, host_capacity_bytes=100), far.snapshot(0, 1, 90, 100)])
     assert (total.host_hits, total.host_misses, total.host_hit_rate) == (10, 10, 0.5)
     assert (total.peak_host_resident_bytes, total.host_capacity_bytes) == (90, 100)
+
+
+def test_speculation_counters_are_summed_and_its_rates_recomputed() -> None:
+    ranks = [StatsRecorder([0]), StatsRecorder([0])]
+    for recorder, (drafted, accepted, ks) in zip(ranks, [(8, 8, [4, 4]), (8, 0, [8])], strict=True):
+        recorder.record_pass(False, 2 * len(ks), 1.0, 1.0)
+        spec = recorder.speculation
+        spec.drafted, spec.accepted, spec.verify_passes, spec.k_chosen = drafted, accepted, len(ks), ks
+    total = combine([recorder.snapshot(0, 1, draft_capacity_bytes=5) for recorder in ranks])
+    assert (total.drafted_tokens, total.accepted_tokens, total.acceptance_rate) == (16, 8, 0.5)
+    assert (total.verify_passes, total.speculate_k, total.draft_capacity_bytes) == (3, [4, 4, 8], 5)
