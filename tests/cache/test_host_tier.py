@@ -7,6 +7,8 @@ Defaults: 1000-byte experts, a 1 GB/s host-to-device link (1 us per transfer), a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -154,3 +156,9 @@ def test_the_disk_profile_prices_reads_and_round_trips_through_to_dict() -> None
     assert link is not None and link.bandwidth_gbps == 7.45  # the a100 profile's drive: nvme4
     assert CacheConfig.from_dict(config.to_dict()) == config
     assert CacheConfig(cache_frac=0.5).disk_link() is None  # experts in RAM: no disk
+
+
+def test_a_config_copied_with_replace_keeps_its_host_eviction_policy() -> None:
+    config = CacheConfig(cache_frac=0.1, storage="disk", host_cache_frac=0.5, host_eviction="lfu")
+    copy = replace(config, cache_frac=0.2)  # a draft's options are built this way
+    assert (copy.host_eviction.name, copy.cache_frac) == ("lfu", 0.2)

@@ -279,7 +279,10 @@ class PolicyChoice:
 
     @classmethod
     def parse(cls, kind: str, value: Any) -> PolicyChoice:
-        """Read a part given as 'name', 'name:k=v,...', (name, params), {'name', 'params'} or an object."""
+        """Read a part given as 'name', 'name:k=v,...', (name, params), {'name', 'params'}, an object, or a
+        `PolicyChoice` already read (returned as it is)."""
+        if isinstance(value, PolicyChoice):
+            return value
         if isinstance(value, _BASES[kind]):
             label = next((n for n, c in _REGISTRY[kind].items() if c is type(value)), type(value).__name__)
             return cls(name=label, instance=value)
