@@ -50,6 +50,10 @@ class CacheConfig:
             default); it sees keys, sizes and the clock only, so it must not need routing or the future.
         disk: the drive a disk-tier fetch reads from: a `specmd.cache.hardware.DISKS` name, "profile" (the
             hardware profile's drive) or None (native speed: disk reads take no emulated time).
+        draft_frac: the self-draft's fast memory for speculative decoding (a live model's draft, or a replay of a
+            lookahead trace), as a fraction of every routed expert stored at the draft's precision, 0 < f <= 1;
+            None (and no `draft_bytes`) = no draft.
+        draft_bytes: the same as a byte count or size ("300MB"); give at most one of the two.
     """
 
     cache_frac: float | None = None
@@ -64,6 +68,8 @@ class CacheConfig:
     host_cache_bytes: int | str | None = None
     host_eviction: PolicyChoice | str = "lru"
     disk: str | None = None
+    draft_frac: float | None = None
+    draft_bytes: int | str | None = None
     version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
@@ -88,6 +94,18 @@ class CacheConfig:
         if self.predictor is not None and not (isinstance(self.predictor, str) and self.predictor):
             raise ValueError(f"predictor must be a route predictor's name or None, got {self.predictor!r}")
         self._check_lower_tiers()
+        self._check_draft()
+
+    def _check_draft(self) -> None:
+        if self.draft_frac is not None and self.draft_bytes is not None:
+            raise ValueError(
+                f"give at most one of draft_frac and draft_bytes (got draft_frac={self.draft_frac!r}, "
+                f"draft_bytes={self.draft_bytes!r})"
+            )
+        if self.draft_frac is not None and not (is_number(self.draft_frac) and 0 < self.draft_frac <= 1):
+            raise ValueError(f"draft_frac must be a number with 0 < draft_frac <= 1, got {self.draft_frac!r}")
+        if self.draft_bytes is not None:
+            object.__setattr__(self, "draft_bytes", parse_size(self.draft_bytes, "draft_bytes"))
 
     def _check_lower_tiers(self) -> None:
         """Check storage, the host tier and the disk; turn the host cache's size and policy into their types."""
@@ -128,6 +146,23 @@ class CacheConfig:
     def has_host_tier(self) -> bool:
         """Whether a host-RAM tier sits between the disk and the cache."""
         return self.host_cache_frac is not None or self.host_cache_bytes is not None
+
+    @property
+    def has_draft(self) -> bool:
+        """Whether there is a self-draft for speculative decoding."""
+        return self.draft_frac is not None or self.draft_bytes is not None
+
+    def draft_capacity_bytes(self, layout: ExpertLayout) -> int:
+        """The draft's capacity for `layout` (its experts at the draft precision); under one expert is an error."""
+        one = layout.expert_bytes[layout.precision]
+        total = layout.routed_experts * one
+        capacity = int(self.draft_frac * total) if self.draft_frac is not None else int(self.draft_bytes)  # type: ignore[arg-type]
+        if capacity < one:
+            raise ValueError(
+                f"the draft's budget ({capacity} B) holds less than one {layout.precision} expert ({one} B); "
+                f"use draft_frac >= {one / total:.6g} or draft_bytes >= {one}"
+            )
+        return min(capacity, total)
 
     @property
     def profile(self) -> HardwareProfile:

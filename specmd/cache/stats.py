@@ -142,14 +142,6 @@ class CacheStats:
         return asdict(self)
 
 
-SPECULATION_FIELDS = (
-    "drafted_tokens", "accepted_tokens", "acceptance_rate", "verify_passes", "tokens_per_verify", "draft_time_s",
-    "lookahead_prefetches_issued", "lookahead_prefetches_used", "lookahead_prefetches_late", "speculate_k",
-    "draft_capacity_bytes", "draft_peak_resident_bytes",
-)  # fmt: skip
-"""`CacheStats`' fields of speculative decoding: a live model's; a trace replay leaves them zero."""
-
-
 @dataclass(slots=True)
 class SpeculationCounters:
     """Counters of speculative decoding (all zero when it is off)."""

@@ -417,25 +417,36 @@ def storage_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def add_speculation(parser: argparse.ArgumentParser) -> None:
-    """--speculate, --draft-frac, --draft-precision: speculative decoding with the self-draft (`load_model`)."""
+def add_speculation(parser: argparse.ArgumentParser, *, replay: bool = False, many: bool = False) -> None:
+    """--speculate (repeatable with `many`) and the draft's flags (`add_draft`): speculative decoding with the
+    self-draft, live (`load_model`) or replayed from a lookahead trace (`replay`: the trace fixes the precision)."""
+    from specmd.cache.governor import DEFAULT_K_MAX
+
+    where = "replayed from a lookahead trace (specmd trace --lookahead K)" if replay else "with the model's self-draft"
     parser.add_argument(
-        "--speculate", type=speculation, metavar="auto|K",
-        help="speculative decoding with the model's quantized self-draft: K drafted tokens per verify pass, or "
-        "auto (a governor picks K in 0..6 each step; auto:K_max sets the bound) (default: off)",
+        "--speculate", type=speculation, metavar="auto|K", action="append" if many else None,
+        help=f"speculative decoding {where}: K drafted tokens per verify pass, or auto (a governor picks K in "
+        f"0..{DEFAULT_K_MAX} each step; auto:K_max sets the bound)"
+        + (" (repeat for several; plain decoding runs beside them)" if many else " (default: off)"),
     )  # fmt: skip
+    add_draft(parser, precision=not replay)
+
+
+def add_draft(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    """--draft-frac and (with `precision`) --draft-precision: the self-draft's budget and precision."""
     parser.add_argument(
         "--draft-frac", type=fraction, default=1.0,
         help="the draft's fast memory, as a fraction of every expert at the draft's precision (default 1: all)",
     )  # fmt: skip
-    parser.add_argument(
-        "--draft-precision", default="int4", help="the stored precision the draft's experts run at (default int4)"
-    )
+    if precision:
+        parser.add_argument(
+            "--draft-precision", default="int4", help="the stored precision the draft's experts run at (default int4)"
+        )
 
 
 def draft_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`from_pretrained`'s draft keywords when --speculate is given (none otherwise)."""
-    if getattr(args, "speculate", None) is None:
+    """`from_pretrained`'s draft keywords when --speculate or --lookahead is given (none otherwise)."""
+    if getattr(args, "speculate", None) is None and getattr(args, "lookahead", None) is None:
         return {}
     return {"draft_frac": args.draft_frac, "draft_precision": args.draft_precision}
 

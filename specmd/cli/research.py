@@ -29,6 +29,12 @@ def _add_trace(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     options.add_max_new_tokens(trace)
     options.add_policy(trace, "the live run's policy (the trace does not depend on it)")
     options.add_offload_options(trace, bandwidth=options.PROFILE)
+    trace.add_argument(
+        "--lookahead", type=options.positive_int, metavar="K",
+        help="record a lookahead trace: at every decode position the self-draft's K drafts and the verify pass over "
+        "them (greedy), so replay and sweep can --speculate with any K' <= K or auto:K",
+    )  # fmt: skip
+    options.add_draft(trace)
     options.add_json(trace)
     trace.set_defaults(func=cmd_trace)
 
@@ -43,6 +49,7 @@ def trace_file(text: str) -> str:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    from specmd.offload_models.speculative import record_lookahead
     from specmd.sim.record import TraceRecorder
 
     prompts = options.read_prompts(args.prompts)
@@ -51,7 +58,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     with options.load_model(args, args.policy) as model:
         recorder = TraceRecorder(model.trace_meta())
         with model.observe_routing(recorder):
-            options.continuations(model, tokenizer, encoded, args.max_new_tokens)
+            if args.lookahead is None:
+                options.continuations(model, tokenizer, encoded, args.max_new_tokens)
+            else:
+                for inputs in encoded:
+                    record_lookahead(
+                        model, recorder, args.lookahead, **inputs.to(model.device),
+                        max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False,
+                    )  # fmt: skip
         stats = model.cache_stats()
     trace = recorder.trace()
     path = trace.save(args.out)
@@ -81,6 +95,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="bytes of one expert (or a size such as 12.6MB), for traces whose header lacks it",
     )
     options.add_shape_from(replay)
+    options.add_speculation(replay, replay=True)
     options.add_output(replay)
     replay.set_defaults(func=cmd_replay)
 
@@ -101,6 +116,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         hardware=args.hardware,
         price_as=options.priced_as(args.shape_from) if args.shape_from else None,
         **options.storage_settings(args),
+        speculative=args.speculate,
+        draft_frac=None if args.speculate is None else args.draft_frac,
     )
     payload = {"trace": args.trace, "trace_sha256": trace.sha256, "policy": args.policy, "stats": stats.to_dict()}
     output.emit(args, payload)
@@ -119,6 +136,7 @@ def _add_sweep(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     options.add_hardware(sweep, "hardware profiles (default: {default})", many=True)
     options.add_shape_from(sweep, many=True)
     options.add_storage(sweep, replay=True, many=True)
+    options.add_speculation(sweep, replay=True, many=True)
     sweep.add_argument("--no-baselines", action="store_true", help="leave out the Belady and unbounded runs")
     sweep.add_argument(
         "--out", type=options.output_file, required=True, help="results CSV (existing rows are kept and skipped)"
@@ -149,8 +167,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "shape_from": args.shape_from,
         "host_cache_fracs": args.host_cache_frac,
         "disks": args.disk,
+        "speculate": [None, *args.speculate] if args.speculate else None,  # plain decoding runs beside them
     }
     storage = {k: v for k, v in (("storage", args.storage), ("host_eviction", args.host_eviction)) if v is not None}
+    if args.speculate:
+        storage["draft_frac"] = args.draft_frac
     if args.grid:
         grid = SweepGrid.from_toml(args.grid, **given, **storage)
     else:

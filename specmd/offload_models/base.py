@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from specmd import __version__
 from specmd.cache.clock import ModelShape
+from specmd.cache.draft import SelfDraft
 from specmd.cache.engine import ExpertCache
 from specmd.cache.factory import build_manager
 from specmd.cache.layout import ExpertLayout
@@ -37,7 +38,6 @@ from specmd.offload_models.checkpoint import (
     checkpoint_files,
     read_config,
 )
-from specmd.offload_models.draft import SelfDraft
 from specmd.offload_models.experts import OffloadedExperts
 from specmd.offload_models.loading import check_loading_keywords
 from specmd.offload_models.observer import RoutingObserver
@@ -358,6 +358,11 @@ class OffloadMixin:
             draft = None
             if draft_format is not None:
                 draft = self._make_draft(options, price_as, store, watchdog, device)
+                drafted = draft.manager.layout
+                meta["draft"] = {
+                    "precision": drafted.precision,
+                    "expert_bytes": drafted.expert_bytes[drafted.precision],
+                }
             runtime = OffloadRuntime(manager, watchdog, routers, meta, predictor, rebuild, draft)
             if not manager.policies.routing.neutral:
                 runtime.steer_routing(arch.router_contract, config, layout.top_k)  # type: ignore[arg-type]

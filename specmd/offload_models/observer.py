@@ -1,7 +1,9 @@
 """The routing-observer protocol: what an offloaded model tells anyone watching its routing, pass by pass.
 
 `OffloadMixin.observe_routing(observer)` attaches one; `specmd.sim.record.TraceRecorder` is the one
-that writes traces. Rows are per real (non-pad) token of the pass, in batch-row order.
+that writes traces. Rows are per real (non-pad) token of the pass, in batch-row order. The self-draft's passes
+(speculative decoding) are shown only to an observer that has a `begin_draft_pass(rows)` method, which they
+begin with instead of `begin_pass`; their `layer` and `end_pass` calls are as usual.
 """
 
 from __future__ import annotations

@@ -6,10 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from specmd.cache.config import CacheConfig, is_number
-from specmd.cache.layout import ExpertLayout
 from specmd.cache.live.store import STORAGE_TIERS
 from specmd.cache.live.watchdog import DEFAULT_TIMEOUT_S
-from specmd.cache.sizes import parse_size
 from specmd.offload_models.predictors import check_predictor
 from specmd.quant import canonical_name, get_format
 
@@ -32,9 +30,6 @@ class OffloadOptions(CacheConfig):
             directory, a hub id or a bundled config's name); None = as this model's own.
         transfer_timeout_s: the longest wait on one expert's copy before it is an error naming the expert.
         progress: show a progress bar while experts load.
-        draft_frac: the self-draft's fast memory for speculative decoding, as a fraction of every routed expert
-            stored at `draft_precision`, 0 < f <= 1; None (and no `draft_bytes`) = no draft.
-        draft_bytes: the same as a byte count or size ("300MB"); give at most one of the two.
         draft_precision: the stored precision the draft's experts compute at (default int4 = nf4); it is stored
             beside `expert_precisions`.
     """
@@ -44,8 +39,6 @@ class OffloadOptions(CacheConfig):
     shape_from: str | None = None
     transfer_timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
-    draft_frac: float | None = None
-    draft_bytes: int | str | None = None
     draft_precision: str = "int4"
 
     def __post_init__(self) -> None:
@@ -75,39 +68,13 @@ class OffloadOptions(CacheConfig):
             raise ValueError(f"shape_from must name a model's config, got {self.shape_from!r}")
         if not (is_number(self.transfer_timeout_s) and self.transfer_timeout_s > 0):
             raise ValueError(f"transfer_timeout_s must be a number of seconds > 0, got {self.transfer_timeout_s!r}")
-        self._check_draft()
 
     def _check_draft(self) -> None:
-        if self.draft_frac is not None and self.draft_bytes is not None:
-            raise ValueError(
-                f"give at most one of draft_frac and draft_bytes (got draft_frac={self.draft_frac!r}, "
-                f"draft_bytes={self.draft_bytes!r})"
-            )
-        if self.draft_frac is not None and not (is_number(self.draft_frac) and 0 < self.draft_frac <= 1):
-            raise ValueError(f"draft_frac must be a number with 0 < draft_frac <= 1, got {self.draft_frac!r}")
-        if self.draft_bytes is not None:
-            object.__setattr__(self, "draft_bytes", parse_size(self.draft_bytes, "draft_bytes"))
+        super()._check_draft()
         precision = canonical_name(self.draft_precision)
         if self.has_draft:
             get_format(precision).check_backend()
         object.__setattr__(self, "draft_precision", precision)
-
-    @property
-    def has_draft(self) -> bool:
-        """Whether the model gets a self-draft for speculative decoding."""
-        return self.draft_frac is not None or self.draft_bytes is not None
-
-    def draft_capacity_bytes(self, layout: ExpertLayout) -> int:
-        """The draft's capacity for `layout` (its experts at the draft precision); under one expert is an error."""
-        one = layout.expert_bytes[layout.precision]
-        total = layout.routed_experts * one
-        capacity = int(self.draft_frac * total) if self.draft_frac is not None else int(self.draft_bytes)  # type: ignore[arg-type]
-        if capacity < one:
-            raise ValueError(
-                f"the draft's budget ({capacity} B) holds less than one {layout.precision} expert ({one} B); "
-                f"use draft_frac >= {one / total:.6g} or draft_bytes >= {one}"
-            )
-        return min(capacity, total)
 
     def storages(self) -> tuple[str, ...]:
         """The registered storage tiers (`specmd.cache.live.store.STORAGE_TIERS`)."""

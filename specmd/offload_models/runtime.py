@@ -16,12 +16,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from specmd.cache.clock import PassInfo
+from specmd.cache.draft import SelfDraft
 from specmd.cache.keys import Tick
 from specmd.cache.live.store import ExpertStore
 from specmd.cache.live.watchdog import Watchdog
 from specmd.cache.manager import CacheManager
 from specmd.cache.policies.base import Routed
-from specmd.offload_models.draft import SelfDraft
 from specmd.offload_models.experts import ExpertJob, OffloadedExperts
 from specmd.offload_models.observer import RoutingObserver
 from specmd.offload_models.predictors import NextLayerRouter, PredictedLogits, RoutePredictor, router_logits
@@ -107,11 +107,15 @@ class OffloadRuntime:
         self.manager.begin_pass(info)
         self._token_mask = token_mask
         self._last_tokens = [end - 1 for end, n in zip(accumulate(news), news, strict=True) if n]
-        if self.observers and self._target is None:
-            rows = [(row, pasts[row] + j) for row in range(batch) for j in range(news[row])]
-            for observer in self.observers:
-                observer.begin_pass(rows, batch, info.prefill)
+        watching = self._watching()
         try:
+            if watching:
+                rows = [(row, pasts[row] + j) for row in range(batch) for j in range(news[row])]
+                for observer in watching:
+                    if self._target is None:
+                        observer.begin_pass(rows, batch, info.prefill)
+                    else:
+                        observer.begin_draft_pass(rows)  # type: ignore[attr-defined]
             yield
         except BaseException as exc:
             exc.add_note(RECOVERED)
@@ -119,11 +123,17 @@ class OffloadRuntime:
             raise
         else:
             self.manager.end_pass()
-            for observer in self.observers if self._target is None else ():
+            for observer in watching:
                 observer.end_pass()
             self._dirty = False
         finally:
             self._token_mask = None
+
+    def _watching(self) -> list[RoutingObserver]:
+        """The observers of this pass: all of them, or in a draft pass those that see drafts (`begin_draft_pass`)."""
+        if self._target is None:
+            return self.observers
+        return [observer for observer in self.observers if hasattr(observer, "begin_draft_pass")]
 
     def _recover(self) -> None:
         """Rebuild the cache empty with fresh policies, keeping the counters and the payload (its slots freed);
@@ -162,7 +172,7 @@ class OffloadRuntime:
         requests = {expert: n for expert, n in enumerate(counts) if n}
 
         target = self._target
-        observing, default = bool(self.observers) and target is None, self.predictor is self._next_layer
+        observing, default = bool(self._watching()), self.predictor is self._next_layer
         found = None
         if manager.wants_predictions or (observing and not default):
             found = self.predictor.predict(layer, real, self._last_tokens, manager.prediction_targets(layer))
@@ -179,8 +189,9 @@ class OffloadRuntime:
 
         job = ExpertJob(hidden_states, top_k_index, top_k_weights, module.act_fn)
         manager.run_layer(layer, requests, predicted, job, routing, probs)
-        if target is not None:  # a draft pass: its routing predicts the verify pass's experts
-            self.draft.observe(layer, routed, weights, target)  # type: ignore[union-attr]
+        draft = self.draft
+        if target is not None and draft is not None:  # a draft pass: its routing predicts the verify pass's experts
+            draft.observe(layer, routed.reshape(-1).tolist(), weights.reshape(-1).tolist(), target)
         return job.result()
 
     @contextmanager
@@ -228,7 +239,7 @@ class OffloadRuntime:
         if not default and found is not None:
             extra = {target: (list(tokens), logits.tolist()) for target, (tokens, logits) in found.items()}
         experts, chosen, logits = routed.tolist(), weights.tolist(), own.tolist()
-        for observer in self.observers:
+        for observer in self._watching():
             observer.layer(layer, experts, chosen, logits, next_logits, extra)
 
     def steer_routing(self, contract: SoftmaxTopK, config: PretrainedConfig, top_k: int) -> None:

@@ -86,8 +86,9 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: Sequence[int]) -> t
     return len(drafts), int(torch.multinomial(p[len(drafts)], 1))
 
 
-def speculative_generate(model: Any, speculative: int | str, **kwargs: Any) -> torch.Tensor:
-    """`model.generate(..., speculative=...)`: the prompt and its continuation, [1, prompt + new] token ids."""
+def _settings(model: Any, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, int, set[int]]:
+    """generate's keywords checked for speculative decoding: the prompt, the generation config, the new tokens
+    wanted and the stop tokens."""
     unknown = sorted(set(kwargs) - set(SUPPORTED))
     if unknown:
         raise ValueError(f"speculative decoding does not take {', '.join(unknown)}; it takes {', '.join(SUPPORTED)}")
@@ -108,6 +109,12 @@ def speculative_generate(model: Any, speculative: int | str, **kwargs: Any) -> t
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {new!r}")
     eos = config.eos_token_id
     stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    return input_ids, config, new, stops
+
+
+def speculative_generate(model: Any, speculative: int | str, **kwargs: Any) -> torch.Tensor:
+    """`model.generate(..., speculative=...)`: the prompt and its continuation, [1, prompt + new] token ids."""
+    input_ids, config, new, stops = _settings(model, kwargs)
     runtime = model._runtime()
     check_speculative(speculative)
     governor = runtime.governors.get(speculative)  # what a governor learned carries over to the next text
@@ -116,7 +123,62 @@ def speculative_generate(model: Any, speculative: int | str, **kwargs: Any) -> t
     streamer = kwargs.get("streamer")
     with model._forward_lock, torch.no_grad():
         tokens = _decode(model, runtime, input_ids, new, Picker.from_config(config), governor, stops, streamer)
+    return _output(input_ids, tokens)
+
+
+def record_lookahead(model: Any, recorder: Any, lookahead: int, **kwargs: Any) -> torch.Tensor:
+    """Greedy decoding that shows `recorder` (a `specmd.sim.record.TraceRecorder` observing the model), at every
+    decode position, the self-draft's chain of up to `lookahead` drafts and the verify pass over them: a lookahead
+    trace, from which a replay runs speculative decoding with any K <= `lookahead` or the governor. Each position
+    is verified with its whole chain and decoding moves on one token, so the output is plain greedy decoding's."""
+    if not (isinstance(lookahead, int) and not isinstance(lookahead, bool) and lookahead >= 1):
+        raise ValueError(f"lookahead must be a whole number of drafted tokens >= 1, got {lookahead!r}")
+    input_ids, config, new, stops = _settings(model, kwargs)
+    if config.do_sample:
+        raise ValueError("a lookahead trace records greedy decoding; pass do_sample=False")
+    runtime = model._runtime()
+    if runtime.draft is None:
+        raise ValueError(
+            "a lookahead trace records the self-draft's predictions: load the model with draft_frac=... or "
+            "draft_bytes=... (and draft_precision=..., default int4)"
+        )
+    greedy = Picker(False, LogitsProcessorList())
+    with model._forward_lock, torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        forward = _forwarder(model, cache, input_ids.device)
+        pending = int(torch.argmax(forward(input_ids)[-1]))
+        tokens = [pending]
+        while len(tokens) < new and pending not in stops:
+            position = cache.get_seq_length()
+            k = min(lookahead, new - len(tokens) - 1)
+            recorder.begin_chain(position)
+            drafts, _ = _draft(runtime, forward, greedy, pending, k)
+            cache.crop(-k)
+            logits = forward([pending, *drafts])  # [K+1, V]
+            kept, _ = accept_greedy(logits, drafts)
+            recorder.end_chain(kept)
+            cache.crop(-k)  # the pending token's entries stay
+            pending = int(torch.argmax(logits[0]))
+            tokens.append(pending)
+    return _output(input_ids, tokens)
+
+
+def _output(input_ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """The prompt and the new tokens, [1, prompt + new]."""
     return torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
+
+
+def _forwarder(model: Any, cache: DynamicCache, device: torch.device) -> Callable[[Any], torch.Tensor]:
+    """One forward pass of the model over new tokens (a [1, S] tensor or a list of ids) on `cache`: [S, V] logits."""
+
+    def forward(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        batch = ids if isinstance(ids, torch.Tensor) else torch.tensor([list(ids)], device=device)  # [1, S]
+        past = cache.get_seq_length()
+        mask = torch.ones(1, past + batch.shape[1], dtype=torch.long, device=device)
+        out = model(input_ids=batch, attention_mask=mask, past_key_values=cache, use_cache=True)
+        return out.logits[0]  # [S, V]
+
+    return forward
 
 
 def _decode(
@@ -130,15 +192,8 @@ def _decode(
     streamer: Any,
 ) -> list[int]:
     """The decode loop; returns the new tokens."""
-    device = input_ids.device
     cache = DynamicCache(config=model.config)
-
-    def forward(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        batch = ids if isinstance(ids, torch.Tensor) else torch.tensor([list(ids)], device=device)  # [1, S]
-        past = cache.get_seq_length()
-        mask = torch.ones(1, past + batch.shape[1], dtype=torch.long, device=device)
-        out = model(input_ids=batch, attention_mask=mask, past_key_values=cache, use_cache=True)
-        return out.logits[0]  # [S, V]
+    forward = _forwarder(model, cache, input_ids.device)
 
     def emit(new: list[int]) -> None:
         if streamer is not None:

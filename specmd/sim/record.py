@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from specmd.cache.manager import PredictedRows
-from specmd.sim.trace.events import Prediction, Trace, TraceEvent
+from specmd.sim.trace.events import Chain, Prediction, Trace, TraceEvent
 
 
 class TraceRecorder:
@@ -16,6 +16,10 @@ class TraceRecorder:
 
     The model calls `begin_pass` with each real (non-pad) token's (batch row, position), `layer` once per
     MoE layer with per-token lists, and `end_pass`. Each generation's sequences get new sequence numbers.
+
+    A lookahead recording (`specmd.offload_models.speculative.record_lookahead`) wraps each decode position's
+    draft passes (`begin_draft_pass`) and verify pass in `begin_chain` / `end_chain`: the verify pass's first
+    token is the position's own routing, the rest and the draft passes make the position's `Chain`.
     """
 
     def __init__(self, meta: Mapping[str, Any]) -> None:
@@ -26,8 +30,37 @@ class TraceRecorder:
         self._rows: list[tuple[int, int]] = []
         self._prefill = False
         self._pending: list[TraceEvent] = []
+        self.chains: list[Chain] = []
+        self._chain: int | None = None  # the position of the chain being recorded
+        self._drafting = False
+        self._draft: list[TraceEvent] = []
+        self._verify: list[TraceEvent] = []
+
+    def begin_chain(self, position: int) -> None:
+        """The self-draft's passes from `position` follow, then the verify pass starting there."""
+        self._chain, self._draft, self._verify = position, [], []
+
+    def end_chain(self, accepted: int) -> None:
+        """The chain's verify pass is done; `accepted` leading drafts were the model's own choices."""
+        if self._chain is None:
+            raise RuntimeError("end_chain without begin_chain")
+        self.chains.append(Chain(self._base, self._chain, accepted, tuple(self._draft), tuple(self._verify)))
+        self._chain = None
+
+    def begin_draft_pass(self, rows: Sequence[tuple[int, int]]) -> None:
+        """A pass of the self-draft starts (its routing belongs to the open chain)."""
+        if self._chain is None:
+            raise RuntimeError(
+                "a speculative run's draft passes are not a routing trace; record a lookahead trace with "
+                "specmd.sim.record(..., lookahead=K) (specmd trace --lookahead K)"
+            )
+        self._drafting = True
+        self._rows = list(rows)
+        self._prefill = False
+        self._pending = []
 
     def begin_pass(self, rows: Sequence[tuple[int, int]], batch: int, prefill: bool) -> None:
+        self._drafting = False
         if prefill and self.events:
             self._base += self._batch  # a new generation starts new sequences
         self._batch = batch
@@ -64,23 +97,49 @@ class TraceRecorder:
             )
 
     def end_pass(self) -> None:
-        self.events.extend(sorted(self._pending, key=lambda e: (e.seq, e.token, e.layer)))
+        pending = sorted(self._pending, key=lambda e: (e.seq, e.token, e.layer))
         self._pending = []
+        if self._drafting:
+            self._draft.extend(pending)
+        elif self._chain is not None:  # the verify pass: its first token is the position's own
+            self.events.extend(e for e in pending if e.token == self._chain)
+            self._verify.extend(e for e in pending if e.token != self._chain)
+        else:
+            self.events.extend(pending)
 
     def trace(self) -> Trace:
         """What was recorded, ordered by sequence (tokens and layers in order within each)."""
         events = sorted(self.events, key=lambda e: (e.seq, not e.prefill, e.token, e.layer))
-        return Trace(self.meta, events)
+        chains = sorted(self.chains, key=lambda c: (c.seq, c.position))
+        return Trace(self.meta, events, chains=chains)
 
 
-def record(model: Any, input_ids: Any, path: str | os.PathLike[str], **generate_kwargs: Any) -> Any:
+def record(
+    model: Any, input_ids: Any, path: str | os.PathLike[str], *, lookahead: int | None = None, **generate_kwargs: Any
+) -> Any:
     """Run `model.generate(input_ids, **generate_kwargs)` and write its routing trace to `path`.
 
     Returns generate's output; `model.cache_stats()` then also counts this run. Pad tokens are not
     recorded. Replay reproduces a batch-1 run's counters exactly; batched sequences replay one by one.
+
+    `lookahead=K` (a model with a self-draft, greedy, one sequence) records a lookahead trace instead: at every
+    decode position the draft's chain of up to K drafts and the verify pass over them
+    (`specmd.offload_models.speculative.record_lookahead`), so `specmd.sim.replay(..., speculative=k)` replays
+    speculative decoding with any k <= K, or the governor, at any capacity, link and hardware. Decoding moves on
+    one token a step, so the recording run's own counters are not those of a speculative run.
     """
+    if "speculative" in generate_kwargs:
+        raise ValueError(
+            "a speculative run's passes do not replay under other settings; record its lookahead with "
+            "lookahead=K (plain greedy decoding plus the draft's chains), then replay with speculative=..."
+        )
     recorder = TraceRecorder(model.trace_meta())
     with model.observe_routing(recorder):
-        output = model.generate(input_ids, **generate_kwargs)
+        if lookahead is None:
+            output = model.generate(input_ids, **generate_kwargs)
+        else:
+            from specmd.offload_models.speculative import record_lookahead
+
+            output = record_lookahead(model, recorder, lookahead, input_ids=input_ids, **generate_kwargs)
     recorder.trace().save(path)
     return output

@@ -18,6 +18,7 @@ from specmd.cache.manager import NEXT_LAYER, CacheManager
 from specmd.cache.policies.base import Future
 from specmd.cache.policies.spec import KINDS, Policies
 from specmd.cache.stats import CacheStats
+from specmd.sim.speculate import check_speculative_replay, run_speculative
 from specmd.sim.trace import Trace, TraceError, load_trace
 
 
@@ -92,23 +93,18 @@ def build_replay(trace: Trace, config: CacheConfig, price_as: ExpertLayout | Non
     return manager, predictor
 
 
-def run_trace(trace: Trace, config: CacheConfig, price_as: ExpertLayout | None = None) -> CacheStats:
-    """Replay every pass of `trace` under `config`, priced as `price_as`'s model when given."""
+def run_trace(
+    trace: Trace, config: CacheConfig, price_as: ExpertLayout | None = None, speculative: int | str | None = None
+) -> CacheStats:
+    """Replay every pass of `trace` under `config`, priced as `price_as`'s model when given; with `speculative`
+    (K, "auto" or "auto:K_max") decoding speculatively from a lookahead trace (`specmd.sim.speculate`)."""
+    if speculative is not None:
+        check_speculative_replay(trace, config, speculative)
     manager, predictor = build_replay(trace, config, price_as)
-    begin, run_layer, end = manager.begin_pass, manager.run_layer, manager.end_pass
-    routing, probs = manager.wants_routing, manager.wants_probs  # as live: computed only for policies that read them
+    if speculative is not None:
+        return run_speculative(trace, config, speculative, manager, predictor, price_as)
     for replay_pass in trace.passes(predictor):
-        begin(replay_pass.info)
-        for step in replay_pass.layers:
-            run_layer(
-                step.layer,
-                step.requests,
-                step.predicted,
-                None,
-                step.routing if routing else None,
-                step.probs if probs else None,
-            )
-        end()
+        replay_pass.run(manager)
     return manager.snapshot()
 
 
@@ -128,6 +124,9 @@ def replay(
     host_cache_bytes: int | str | None = None,
     host_eviction: Any = "lru",
     disk: str | None = "profile",
+    speculative: int | str | None = None,
+    draft_frac: float | None = None,
+    draft_bytes: int | str | None = None,
 ) -> CacheStats:
     """Replay `trace` (a `Trace` or a .jsonl/.npz path) with a policy mix and a cache size (`cache_frac`, or
     `cache_bytes`: a count, or a size such as "600MB").
@@ -139,11 +138,14 @@ def replay(
     prices the trace's experts and compute as that model's, keeping its routing. With `storage="disk"` every transfer
     first reads the expert over the `disk` link (a `specmd.cache.hardware.DISKS` name; default: the hardware profile's
     drive; None: no emulated time), through a host-RAM tier of `host_cache_frac` (or `host_cache_bytes`) evicting by
-    `host_eviction` when one is given. Example::
+    `host_eviction` when one is given. `speculative` (K, "auto" or "auto:K_max") replays speculative decoding
+    from a lookahead trace (`specmd.sim.record(..., lookahead=K)`) with a self-draft of `draft_frac` (or
+    `draft_bytes`) of the draft's experts, as `generate(speculative=...)` runs it live. Example::
 
         stats = specmd.sim.replay("trace.jsonl", policy="topk/least-stale/fetch/standard",
                                   cache_frac=0.05, bandwidth_gbps=5.0)
         from_nvme = specmd.sim.replay("trace.jsonl", cache_frac=0.05, storage="disk", host_cache_frac=0.2, disk="nvme4")
+        drafted = specmd.sim.replay("lookahead.jsonl", cache_frac=0.05, speculative="auto", draft_frac=1.0)
     """
     config = CacheConfig(
         cache_frac=cache_frac,
@@ -158,5 +160,7 @@ def replay(
         host_cache_bytes=host_cache_bytes,
         host_eviction=host_eviction,
         disk=disk,
+        draft_frac=draft_frac,
+        draft_bytes=draft_bytes,
     )
-    return run_trace(trace if isinstance(trace, Trace) else load_trace(trace), config, price_as)
+    return run_trace(trace if isinstance(trace, Trace) else load_trace(trace), config, price_as, speculative)

@@ -57,7 +57,8 @@ def label(row: Row) -> str:
     parts = [row["prefetch"], row["eviction"]]
     if row["miss"] != "fetch" or row["routing"] != "standard":
         parts += [row["miss"], row["routing"]]
-    return "/".join(parts)
+    speculate = row.get("speculate")
+    return "/".join(parts) + (f" + speculate {speculate}" if speculate else "")
 
 
 def natural(text: str) -> tuple[tuple[int, float | str], ...]:

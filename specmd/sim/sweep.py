@@ -39,22 +39,25 @@ from tqdm.auto import tqdm
 
 from specmd import __version__
 from specmd.cache import config as cache_config
+from specmd.cache.governor import check_speculative
 from specmd.cache.hardware import DEFAULT_HARDWARE
 from specmd.cache.layout import ExpertLayout
 from specmd.cache.policies.plugins import load_plugin, loaded_plugins
 from specmd.cache.policies.spec import PolicySpec, configuration_names
-from specmd.cache.stats import SPECULATION_FIELDS, CacheStats
+from specmd.cache.stats import CacheStats
 from specmd.sim.replay import check_replay, run_trace
+from specmd.sim.speculate import check_speculative_replay
 from specmd.sim.trace import Trace, load_trace
 
 BELADY = "none/belady/fetch/standard"
 UNBOUNDED = "none/lru/fetch/standard"
 NATIVE = "native"
+PLAIN = "off"  # a grid's speculate value for plain decoding
 BACKENDS = ("local", "ray")
 
 KEY_COLUMNS = ["trace_sha256", "policy", "cache_frac", "bandwidth_gbps", "hardware", "shape_from",
-               "storage", "host_cache_frac", "disk", "host_eviction"]  # fmt: skip
-STAT_COLUMNS = [f.name for f in fields(CacheStats) if f.name not in SPECULATION_FIELDS]  # replay never speculates
+               "storage", "host_cache_frac", "disk", "host_eviction", "speculate", "draft_frac"]  # fmt: skip
+STAT_COLUMNS = [f.name for f in fields(CacheStats)]
 COLUMNS = [
     "trace", *KEY_COLUMNS, "baseline", "prefetch", "eviction", "miss", "routing", "specmd_version", *STAT_COLUMNS,
 ]  # fmt: skip
@@ -131,6 +134,9 @@ class SweepGrid:
         host_cache_fracs: host-RAM tiers between the disk and the cache, as fractions of all expert bytes (None: none).
         disks: disk profiles the disk is priced as ("profile": the hardware's drive; "native"/None: no emulated time).
         host_eviction: the host tier's eviction policy.
+        speculate: speculative decoding settings (K, "auto" or "auto:K_max"; None: plain decoding), each replayed
+            from lookahead traces (`specmd.sim.speculate`); the baselines decode plainly.
+        draft_frac: the self-draft's budget of the speculative runs, as a fraction of its experts.
     """
 
     traces: tuple[str, ...]
@@ -146,10 +152,12 @@ class SweepGrid:
     host_cache_fracs: tuple[float | None, ...] = (None,)
     disks: tuple[str | None, ...] = (cache_config.PROFILE,)
     host_eviction: str = "lru"
+    speculate: tuple[int | str | None, ...] = (None,)
+    draft_frac: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("traces", "policies", "cache_fracs", "bandwidths", "hardware", "shape_from", "host_cache_fracs",
-                     "disks"):  # fmt: skip
+                     "disks", "speculate"):  # fmt: skip
             if not getattr(self, name):
                 raise ValueError(f"a sweep needs at least one value of {name}")
         object.__setattr__(self, "bandwidths", tuple(_bandwidth(b) for b in self.bandwidths))
@@ -161,6 +169,10 @@ class SweepGrid:
             for low in self.lowers()
         ):  # fmt: skip
             cache_config.CacheConfig(cache_frac=frac, bandwidth_gbps=bandwidth, hardware=hardware, **lower.settings())
+        for setting in self.speculate:
+            if setting is not None:
+                check_speculative(setting)
+        cache_config.CacheConfig(cache_frac=1.0, draft_frac=self.draft_frac)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown sweep backend {self.backend!r}; the backends are {', '.join(BACKENDS)}")
         if self.address is not None and self.backend != "ray":
@@ -177,8 +189,8 @@ class SweepGrid:
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> SweepGrid:
         """Read a grid file (keys: traces, policies, cache_frac, bandwidth_gbps, hardware, shape_from, baselines,
-        backend, address, storage, host_cache_frac, disk, host_eviction); `overrides` (the fields' names) replace
-        what the file says."""
+        backend, address, storage, host_cache_frac, disk, host_eviction, speculate, draft_frac; speculate "off" is
+        plain decoding); `overrides` (the fields' names) replace what the file says."""
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # pragma: no cover
@@ -186,7 +198,8 @@ class SweepGrid:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
         known = {"traces", "policies", "cache_frac", "bandwidth_gbps", "hardware", "shape_from", "baselines",
-                 "backend", "address", "storage", "host_cache_frac", "disk", "host_eviction"}  # fmt: skip
+                 "backend", "address", "storage", "host_cache_frac", "disk", "host_eviction", "speculate",
+                 "draft_frac"}  # fmt: skip
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown key {unknown[0]!r}; a grid has {', '.join(sorted(known))}")
@@ -204,6 +217,8 @@ class SweepGrid:
             "host_cache_fracs": data.get("host_cache_frac", (None,)),
             "disks": data.get("disk", (cache_config.PROFILE,)),
             "host_eviction": data.get("host_eviction", "lru"),
+            "speculate": [None if s == PLAIN else s for s in data.get("speculate", (None,))],
+            "draft_frac": data.get("draft_frac", 1.0),
         }
         values.update({k: v for k, v in overrides.items() if v})
         return cls(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in values.items()})
@@ -211,15 +226,16 @@ class SweepGrid:
     def runs(self) -> list[Run]:
         """Every run of the grid, baselines included, without duplicates."""
         runs: dict[tuple, Run] = {}
-        settings = [(p, f, "") for p in self.policies for f in self.cache_fracs]
+        settings = [(p, f, "", k) for k in self.speculate for p in self.policies for f in self.cache_fracs]
         if self.baselines:
-            settings += [(BELADY, f, "belady") for f in self.cache_fracs]
-            settings.append((UNBOUNDED, 1.0, "unbounded"))
+            settings += [(BELADY, f, "belady", None) for f in self.cache_fracs]
+            settings.append((UNBOUNDED, 1.0, "unbounded", None))
         for trace, hardware, bandwidth, shape, lower in product(
             self.traces, self.hardware, self.bandwidths, self.shape_from, self.lowers()
         ):
-            for policy, frac, baseline in settings:
-                run = Run(trace, policy, frac, bandwidth, hardware, shape, baseline, lower)
+            for policy, frac, baseline, k in settings:
+                draft = None if k is None else self.draft_frac
+                run = Run(trace, policy, frac, bandwidth, hardware, shape, baseline, lower, k, draft)
                 runs.setdefault(run.key, run)
         return list(runs.values())
 
@@ -236,6 +252,8 @@ class Run:
     shape_from: str = ""
     baseline: str = field(default="", compare=False)
     lower: Lower = Lower()
+    speculate: int | str | None = None
+    draft_frac: float | None = None
 
     @property
     def key(self) -> tuple:
@@ -245,7 +263,9 @@ class Run:
         """The run's `KEY_COLUMNS`, as its row writes them."""
         return {"trace_sha256": trace_sha256, "policy": self.policy, "cache_frac": float(self.cache_frac),
                 "bandwidth_gbps": _bandwidth_label(self.bandwidth_gbps), "hardware": self.hardware,
-                "shape_from": self.shape_from, **self.lower.columns()}  # fmt: skip
+                "shape_from": self.shape_from, **self.lower.columns(),
+                "speculate": "" if self.speculate is None else str(self.speculate),
+                "draft_frac": "" if self.draft_frac is None else str(float(self.draft_frac))}  # fmt: skip
 
 
 _TRACES: dict[str, Trace] = {}  # loaded once in the parent; forked workers inherit them
@@ -268,13 +288,11 @@ def replay_run(run: Run, trace: Trace, price_as: ExpertLayout | None = None) -> 
     """`run_one` with the trace of `run.trace` given (a Ray worker has it from the object store)."""
     config = cache_config.CacheConfig(
         cache_frac=run.cache_frac, policy=run.policy, bandwidth_gbps=run.bandwidth_gbps, hardware=run.hardware,
-        **run.lower.settings(),
+        draft_frac=run.draft_frac, **run.lower.settings(),
     )  # fmt: skip
-    stats = run_trace(trace, config, price_as).to_dict()
-    for name in SPECULATION_FIELDS:
-        del stats[name]
-    stats["per_layer"] = json.dumps(stats["per_layer"])
-    stats["fetches_by_precision"] = json.dumps(stats["fetches_by_precision"])
+    stats = run_trace(trace, config, price_as, run.speculate).to_dict()
+    for name in ("per_layer", "fetches_by_precision", "speculate_k"):
+        stats[name] = json.dumps(stats[name])
     spec = config.policy
     return {
         "trace": run.trace,
@@ -503,14 +521,18 @@ def _refuse_unreplayable(runs: Sequence[Run], shapes: Mapping[str, ExpertLayout]
 
     Each mix is checked once per trace and shape, at its smallest capacity (the one a too-small cache fails at).
     """
-    smallest: dict[tuple[str, str, str, Lower], float] = {}
+    smallest: dict[tuple[str, str, str, Lower, int | str | None, float | None], float] = {}
     for run in runs:
-        key = (run.trace, run.policy, run.shape_from, run.lower)
+        key = (run.trace, run.policy, run.shape_from, run.lower, run.speculate, run.draft_frac)
         smallest[key] = min(smallest.get(key, run.cache_frac), run.cache_frac)
-    for (path, policy, shape, lower), frac in smallest.items():
+    for (path, policy, shape, lower, speculate, draft_frac), frac in smallest.items():
         try:
-            config = cache_config.CacheConfig(cache_frac=frac, policy=PolicySpec.parse(policy), **lower.settings())
+            config = cache_config.CacheConfig(
+                cache_frac=frac, policy=PolicySpec.parse(policy), draft_frac=draft_frac, **lower.settings()
+            )
             check_replay(_trace(path), config, shapes.get(shape))
+            if speculate is not None:
+                check_speculative_replay(_trace(path), config, speculate)
         except ValueError as exc:
             names = configuration_names(policy)
             label = f"{policy} ({', '.join(names)})" if names else policy

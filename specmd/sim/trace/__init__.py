@@ -5,7 +5,7 @@ the two file forms, `io` the loading and saving by suffix. Recording from a live
 `specmd.sim.record`. Nothing here imports torch.
 """
 
-from specmd.sim.trace.events import FORMAT, NEXT_LAYER, VERSION, Trace, TraceError, TraceEvent
+from specmd.sim.trace.events import FORMAT, NEXT_LAYER, VERSION, Chain, Trace, TraceError, TraceEvent
 from specmd.sim.trace.io import SUFFIXES, load_trace, save_trace
 from specmd.sim.trace.passes import LayerStep, ReplayPass
 
@@ -14,6 +14,7 @@ __all__ = [
     "NEXT_LAYER",
     "SUFFIXES",
     "VERSION",
+    "Chain",
     "LayerStep",
     "ReplayPass",
     "Trace",

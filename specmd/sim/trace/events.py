@@ -71,6 +71,66 @@ class TraceEvent:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """What the self-draft predicted at one decode position of a sequence, in a lookahead trace (recorded by
+    `specmd.sim.record(..., lookahead=K)`; replayed by `specmd.sim.speculate`).
+
+    At `position` (where the pending token sits) the draft proposed K tokens, one pass each: `draft` holds its
+    routing events, at tokens position .. position + K - 1 (pass j at position + j), every MoE layer each. The
+    model then verified the pending token and the K drafts in one pass: its row 0 is the trace's own event at
+    `position`, rows 1..K are `verify`, at tokens position + 1 .. position + K. The first `accepted` drafts were
+    the model's own greedy choices. A speculative step drafting k <= K tokens from here is this chain cut to k.
+    """
+
+    seq: int
+    position: int
+    accepted: int
+    draft: tuple[TraceEvent, ...]
+    verify: tuple[TraceEvent, ...]
+
+    @property
+    def length(self) -> int:
+        """K: the tokens drafted."""
+        return len({event.token for event in self.draft})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chain": {"seq": self.seq, "position": self.position, "accepted": self.accepted},
+            "draft": [event.to_json() for event in self.draft],
+            "verify": [event.to_json() for event in self.verify],
+        }
+
+    def problem(self, rules: RowRules) -> str | None:
+        """What is wrong with the chain under a header's `rules` (its events included), or None."""
+        for name in ("seq", "position", "accepted"):
+            value = getattr(self, name)
+            if not (_is_int(value) and 0 <= value < INT_LIMIT):
+                return f"the chain's {name!r} must be an integer in [0, 2**63), got {value!r}"
+        k = self.length
+        if self.accepted > k:
+            return f"the chain accepts {self.accepted} drafts of {k}"
+        for name, events, first in (("draft", self.draft, self.position), ("verify", self.verify, self.position + 1)):
+            seen: set[tuple[int, int]] = set()
+            for event in events:
+                problem = rules.problem(event)
+                if problem is None and event.seq != self.seq:
+                    problem = f"belongs to sequence {event.seq}, not the chain's {self.seq}"
+                if problem is None and not first <= event.token < first + k:
+                    problem = f"token {event.token} is outside [{first}, {first + k})"
+                if problem is None and (event.token, event.layer) in seen:
+                    problem = f"token {event.token} layer {event.layer} comes twice"
+                if problem is not None:
+                    return f"{name} event: {problem}"
+                seen.add((event.token, event.layer))
+            if len(seen) != k * len({layer for _, layer in seen}):
+                return f"the {name} events do not give every token the same MoE layers"
+        draft_layers = {event.layer for event in self.draft}
+        if {event.layer for event in self.verify} != draft_layers:
+            return "the draft and verify events route at different MoE layers"
+        return None
+
+
 # The header fields a command line may supply for a trace that lacks them, and the flags that do.
 _REQUIRED = (("expert_bytes", "--expert-bytes"), ("experts_per_layer", "--experts-per-layer"))
 
@@ -219,6 +279,8 @@ class Trace:
     events: list[TraceEvent]
     sha256: str = ""
     source: str = "<memory>"
+    chains: list[Chain] = field(default_factory=list)
+    """The self-draft's predictions per decode position (a lookahead trace; empty otherwise)."""
     _passes: dict[str, list[ReplayPass]] = field(default_factory=dict, repr=False, compare=False)
     _checked_meta: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     """The header the events were last checked against (by a reader as it read them, or by `layout`)."""
@@ -256,13 +318,23 @@ class Trace:
         for other in traces[1:]:
             if other.layout != first.layout:
                 raise TraceError(f"{other.source} is not of the same model as {first.source} (their headers differ)")
-        events, base = [], 0
+        events, chains, base = [], [], 0
         for trace in traces:
             seqs = sorted({e.seq for e in trace.events})
             renumber = {seq: base + i for i, seq in enumerate(seqs)}
             events += [replace(e, seq=renumber[e.seq]) for e in trace.events]
+            chains += [
+                replace(
+                    chain,
+                    seq=renumber[chain.seq],
+                    draft=tuple(replace(e, seq=renumber[e.seq]) for e in chain.draft),
+                    verify=tuple(replace(e, seq=renumber[e.seq]) for e in chain.verify),
+                )
+                for chain in trace.chains
+            ]
             base += len(seqs)
-        return cls(dict(first.meta), events, ",".join(t.sha256 for t in traces), " + ".join(t.source for t in traces))
+        sha256, source = ",".join(t.sha256 for t in traces), " + ".join(t.source for t in traces)
+        return cls(dict(first.meta), events, sha256, source, chains)
 
     # ---- what the header says (or the command line supplied) ------------------------------------
     @cached_property
@@ -294,7 +366,26 @@ class Trace:
                 raise TraceError(
                     f"{self.source}: sequence {event.seq} token {event.token} layer {event.layer}: {problem}"
                 )
+        decode = {(e.seq, e.token) for e in self.events if not e.prefill}
+        chained: set[tuple[int, int]] = set()
+        for chain in self.chains:
+            problem = chain.problem(rules)
+            where = (chain.seq, chain.position)
+            if problem is None and where not in decode:
+                problem = "the sequence has no decode token there"
+            if problem is None and where in chained:
+                problem = "a second chain at the same position"
+            chained.add(where)
+            if problem is not None:
+                raise TraceError(
+                    f"{self.source}: the chain at sequence {chain.seq} position {chain.position}: {problem}"
+                )
         self._checked_meta = dict(self.meta)
+
+    @property
+    def lookahead(self) -> int:
+        """The most tokens a chain drafted (0: not a lookahead trace; a speculative replay drafts at most this)."""
+        return max((chain.length for chain in self.chains), default=0)
 
     @property
     def predictor(self) -> str:

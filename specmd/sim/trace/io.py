@@ -41,8 +41,11 @@ def load_trace(
             raise TraceError(f"{source}: {error}") from None
     overrides = {"experts_per_layer": experts_per_layer, "top_k": top_k, "expert_bytes": expert_bytes}
     read = read_jsonl if source.suffix == ".jsonl" else read_npz
-    meta, events, sha256 = read(source, overrides)
-    trace = Trace(meta, events, sha256, str(source), _checked_meta=dict(meta))
+    meta, events, chains, sha256 = read(source, overrides)
+    trace = Trace(meta, events, sha256, str(source), chains)
+    if chains:
+        trace._check_rows()  # each chain sits at a decode token of its sequence
+    trace._checked_meta = dict(meta)
     if all(meta.get(name) is not None for name in ("experts_per_layer", "expert_bytes")):
         trace.layout  # noqa: B018 - the layout the rows imply (MoE layers, top-k) is checked now, not in a replay
     return trace

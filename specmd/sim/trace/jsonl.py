@@ -12,6 +12,11 @@ token, each for a MoE layer some passes ahead. ``token`` counts the prefill posi
 prefill positions carry ``"prefill": true`` and replay as one pass (a trace without the field replays
 every token as its own pass). Tokens of one sequence come in order.
 
+A lookahead trace (`specmd.sim.record(..., lookahead=K)`) adds, after the routing lines, one line per decode
+position with what the self-draft predicted there (`Chain`), its routing in the same per-token objects:
+
+    {"chain": {"seq": 0, "position": 7, "accepted": 2}, "draft": [{...}, ...], "verify": [{...}, ...]}
+
 The reader takes a line at a time: memory is the events kept plus one line and its parsed objects, never the
 file (measured on a 100 MB trace of 68,176 rows with 64-expert logits and next-layer logits: 115 MB of events,
 a tracemalloc peak 14 kB above them; before, the whole file was held as bytes and as text, a peak 204 MB
@@ -33,6 +38,7 @@ from typing import Any
 from specmd.cache.layout import MAX_EXPERTS_PER_LAYER
 from specmd.sim.trace.events import (
     INT_LIMIT,
+    Chain,
     Prediction,
     RowRules,
     Trace,
@@ -117,6 +123,28 @@ def _event(obj: Any, where: str) -> TraceEvent:
     )
 
 
+def parse_chain(obj: Any, rules: RowRules, where: str) -> Chain:
+    """A chain line's object, checked against the header's `rules`."""
+    if not isinstance(obj, dict):
+        raise TraceError(f"{where}: a chain must be a JSON object, got {type(obj).__name__}")
+    head, draft, verify = obj.get("chain"), obj.get("draft"), obj.get("verify")
+    if not isinstance(head, dict) or not isinstance(draft, list) or not isinstance(verify, list):
+        raise TraceError(
+            f"{where}: a chain line is {{'chain': {{seq, position, accepted}}, 'draft': [...], 'verify': [...]}}"
+        )
+    chain = Chain(
+        seq=_int(head.get("seq"), "seq", where),
+        position=_int(head.get("position"), "position", where),
+        accepted=_int(head.get("accepted"), "accepted", where),
+        draft=tuple(_event(e, where) for e in draft),
+        verify=tuple(_event(e, where) for e in verify),
+    )
+    problem = chain.problem(rules)
+    if problem is not None:
+        raise TraceError(f"{where}: {problem}")
+    return chain
+
+
 def _parse(raw: bytes, where: str) -> Any:
     """One line's JSON value; anything a hostile line can make the parser raise is one `TraceError`."""
     try:
@@ -135,9 +163,9 @@ def _parse(raw: bytes, where: str) -> Any:
 
 def read_jsonl(
     source: Path, overrides: Mapping[str, Any] | None = None
-) -> tuple[dict[str, Any], list[TraceEvent], str]:
-    """The header (with `overrides` applied), the events and the SHA-256 of a JSON Lines trace, read one line at
-    a time: a bad line is a `TraceError` naming it.
+) -> tuple[dict[str, Any], list[TraceEvent], list[Chain], str]:
+    """The header (with `overrides` applied), the events, the chains (a lookahead trace's) and the SHA-256 of a JSON
+    Lines trace, read one line at a time: a bad line is a `TraceError` naming it.
 
     Memory: the events kept plus one line (and the parser's objects for it); the file is never held whole. The
     header is checked as soon as it is read, and every row against it (experts, layers, logit widths).
@@ -149,6 +177,7 @@ def read_jsonl(
     meta: dict[str, Any] = with_overrides({}, overrides)
     rules: RowRules | None = None
     events: list[TraceEvent] = []
+    chains: list[Chain] = []
     last: dict[int, tuple[bool, int, int]] = {}  # seq -> (seen a decode token, token, layer) of its last line
     restarts: dict[int, int] = {}  # seq -> times its layers started over within an unflagged token 0
     digest = hashlib.sha256()
@@ -173,6 +202,11 @@ def read_jsonl(
             if rules is None:  # no header line: what the command line gave
                 check_header(meta, str(source))
                 rules = RowRules(meta)
+            if isinstance(obj, dict) and "chain" in obj:
+                chains.append(parse_chain(obj, rules, where))
+                continue
+            if chains:
+                raise TraceError(f"{where}: a routing line after a chain line; chains come last")
             event = _event(obj, where)
             problem = rules.problem(event)
             if problem is not None:
@@ -190,7 +224,7 @@ def read_jsonl(
             events.append(event)
     if not events:
         raise TraceError(f"{source}: the trace has no routing rows")
-    return meta, _prompt_positions(events, restarts) if restarts else events, digest.hexdigest()
+    return meta, _prompt_positions(events, restarts) if restarts else events, chains, digest.hexdigest()
 
 
 def _prompt_positions(events: list[TraceEvent], restarts: dict[int, int]) -> list[TraceEvent]:
@@ -218,3 +252,5 @@ def write_jsonl(trace: Trace, target: Path) -> None:
         out.write(json.dumps({"meta": trace.header()}) + "\n")
         for event in trace.events:
             out.write(json.dumps(event.to_json()) + "\n")
+        for chain in trace.chains:
+            out.write(json.dumps(chain.to_json()) + "\n")

@@ -3,7 +3,8 @@
 Arrays: ``meta`` (the header as JSON); per event ``seq``, ``token``, ``layer``, ``prefill`` (-1 unknown, 0, 1)
 and ``offsets`` into ``experts`` (and ``weights`` when every event has them); ``logits`` / ``next_logits``
 as float32 matrices with a ``has_*`` mask; other predictors' ``predictions`` as ``pred_offsets`` per event
-into ``pred_passes_ahead``, ``pred_layer`` and the ``pred_logits`` matrix.
+into ``pred_passes_ahead``, ``pred_layer`` and the ``pred_logits`` matrix; a lookahead trace's ``chains`` as
+their JSON Lines objects in one JSON list (text; they are a small part of such a trace).
 
 Reading opens only these members (never pickles, never another member, however large), checks each one's
 dtype, dimensions and length from its ``.npy`` header before reading any data, then the values: experts
@@ -27,13 +28,16 @@ import numpy as np
 from specmd.cache.layout import MAX_EXPERTS_PER_LAYER
 from specmd.sim.trace.events import (
     INT_LIMIT,
+    Chain,
     Prediction,
+    RowRules,
     Trace,
     TraceError,
     TraceEvent,
     check_header,
     with_overrides,
 )
+from specmd.sim.trace.jsonl import parse_chain
 
 
 def _matrix(rows: Sequence[Sequence[float] | None]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -80,6 +84,8 @@ def write_npz(trace: Trace, target: Path) -> None:
         arrays["pred_passes_ahead"] = np.array([ahead for ahead, _, _ in predictions], dtype=np.int64)
         arrays["pred_layer"] = np.array([layer for _, layer, _ in predictions], dtype=np.int64)
         arrays["pred_logits"] = _matrix([row for _, _, row in predictions])[0]  # type: ignore[index]
+    if trace.chains:
+        arrays["chains"] = np.array(json.dumps([chain.to_json() for chain in trace.chains]))
     with target.open("wb") as out:
         np.savez_compressed(out, **arrays)
 
@@ -107,6 +113,7 @@ _MEMBERS: dict[str, tuple[str, int]] = {
     "pred_passes_ahead": ("iu", 1),
     "pred_layer": ("iu", 1),
     "pred_logits": ("f", 2),
+    "chains": ("U", 0),
 }
 _KINDS = {"iu": "integers", "f": "floats", "b": "booleans", "U": "the header as JSON text"}
 _REQUIRED = ("meta", "seq", "token", "layer", "prefill", "offsets", "experts")
@@ -262,8 +269,10 @@ def _check_order(npz: _Npz, seq: np.ndarray, token: np.ndarray, layer: np.ndarra
         )
 
 
-def read_npz(source: Path, overrides: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[TraceEvent], str]:
-    """The header (with `overrides` applied), the events and the SHA-256 of a compact binary trace."""
+def read_npz(
+    source: Path, overrides: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], list[TraceEvent], list[Chain], str]:
+    """The header (with `overrides` applied), the events, the chains and the SHA-256 of a compact binary trace."""
     try:
         with source.open("rb") as raw:
             sha256 = hashlib.file_digest(raw, "sha256").hexdigest()
@@ -271,15 +280,28 @@ def read_npz(source: Path, overrides: Mapping[str, Any] | None = None) -> tuple[
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ValueError("a single .npy array, not an .npz archive")
         with loaded as npz:
-            meta, events = _read(_Npz(npz, source), overrides)
-            return meta, events, sha256
+            meta, events, chains = _read(_Npz(npz, source), overrides)
+            return meta, events, chains, sha256
     except TraceError:
         raise
     except _UNREADABLE as exc:
         raise TraceError(f"{source}: not a readable .npz trace ({exc})") from None
 
 
-def _read(npz: _Npz, overrides: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[TraceEvent]]:
+def _chains(npz: _Npz, meta: Mapping[str, Any]) -> list[Chain]:
+    if "chains" not in npz:
+        return []
+    try:
+        objects = json.loads(str(npz.read("chains")))
+    except (ValueError, RecursionError):
+        npz.fail("'chains' is not valid JSON")
+    if not isinstance(objects, list):
+        npz.fail("'chains' must be a JSON list of chain objects")
+    rules = RowRules(meta)
+    return [parse_chain(obj, rules, f"{npz.source}: chain {i}") for i, obj in enumerate(objects)]
+
+
+def _read(npz: _Npz, overrides: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[TraceEvent], list[Chain]]:
     count = _check_shapes(npz)
     meta = with_overrides(_meta(npz), overrides)
     check_header(meta, str(npz.source))
@@ -356,4 +378,4 @@ def _read(npz: _Npz, overrides: Mapping[str, Any] | None) -> tuple[dict[str, Any
                 predictions=predicted[i],
             )
         )
-    return meta, events
+    return meta, events, _chains(npz, meta)

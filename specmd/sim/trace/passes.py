@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from specmd.cache.clock import PassInfo
-from specmd.cache.manager import Target
+from specmd.cache.manager import CacheManager, Target
 from specmd.cache.policies.base import Routed
 from specmd.sim.trace.events import NEXT_LAYER, Trace, TraceEvent
 
@@ -64,6 +64,24 @@ class ReplayPass:
     info: PassInfo
     layers: tuple[LayerStep, ...]
 
+    def run(self, manager: CacheManager, after_layer: Callable[[LayerStep], None] | None = None) -> None:
+        """Drive `manager` through this pass (routing and router probabilities computed only where its policies
+        read them, as live); `after_layer` is told each layer once the manager has served it."""
+        routing, probs = manager.wants_routing, manager.wants_probs
+        manager.begin_pass(self.info)
+        for step in self.layers:
+            manager.run_layer(
+                step.layer,
+                step.requests,
+                step.predicted,
+                None,
+                step.routing if routing else None,
+                step.probs if probs else None,
+            )
+            if after_layer is not None:
+                after_layer(step)
+        manager.end_pass()
+
 
 def _next_layer(events: list[TraceEvent], following: int | None) -> dict[Target, list[Sequence[float]]] | None:
     """The default predictor's rows: the next MoE layer's router on each token's input (all or nothing)."""
@@ -82,6 +100,28 @@ def _recorded(events: list[TraceEvent]) -> dict[Target, list[Sequence[float]]] |
     return predicted or None
 
 
+def build_pass(
+    seq: int, events: Sequence[TraceEvent], layers: Sequence[int], predictor: str = NEXT_LAYER
+) -> ReplayPass:
+    """One pass over `events` (tokens in order, each at every MoE layer it routes at; the first token's position
+    is where the pass starts), with `predictor`'s predictions; `layers` are the model's MoE layers."""
+    tokens = sorted({e.token for e in events})
+    info = PassInfo.for_sequences([tokens[0]], [len(tokens)])
+    by_layer: dict[int, list[TraceEvent]] = {}
+    for event in events:  # token by token, so each list is in token order
+        by_layer.setdefault(event.layer, []).append(event)
+    steps = []
+    for layer, following in zip(layers, (*layers[1:], None), strict=True):
+        at_layer = by_layer.get(layer, [])
+        requests: dict[int, int] = {}  # expert -> tokens routed to it
+        for event in at_layer:
+            for expert in event.experts:
+                requests[expert] = requests.get(expert, 0) + 1
+        predicted = _next_layer(at_layer, following) if predictor == NEXT_LAYER else _recorded(at_layer)
+        steps.append(LayerStep(layer, dict(sorted(requests.items())), predicted, tuple(at_layer)))
+    return ReplayPass(seq, info, tuple(steps))
+
+
 def build_passes(trace: Trace, predictor: str = NEXT_LAYER) -> Iterator[ReplayPass]:
     """Per sequence: its prefill positions as one pass, then one pass per token; predictions from `predictor`."""
     by_seq: dict[int, list[TraceEvent]] = {}
@@ -94,18 +134,4 @@ def build_passes(trace: Trace, predictor: str = NEXT_LAYER) -> Iterator[ReplayPa
             group = (True, -1) if event.prefill else (False, event.token)
             groups.setdefault(group, []).append(event)
         for group_events in groups.values():
-            tokens = sorted({e.token for e in group_events})
-            info = PassInfo.for_sequences([tokens[0]], [len(tokens)])
-            by_layer: dict[int, list[TraceEvent]] = {}
-            for event in group_events:  # file order: token by token, so each list is in token order
-                by_layer.setdefault(event.layer, []).append(event)
-            steps = []
-            for layer, following in zip(layers, (*layers[1:], None), strict=True):
-                at_layer = by_layer.get(layer, [])
-                requests: dict[int, int] = {}  # expert -> tokens routed to it
-                for event in at_layer:
-                    for expert in event.experts:
-                        requests[expert] = requests.get(expert, 0) + 1
-                predicted = _next_layer(at_layer, following) if predictor == NEXT_LAYER else _recorded(at_layer)
-                steps.append(LayerStep(layer, dict(sorted(requests.items())), predicted, tuple(at_layer)))
-            yield ReplayPass(seq, info, tuple(steps))
+            yield build_pass(seq, group_events, layers, predictor)

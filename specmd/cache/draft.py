@@ -1,5 +1,6 @@
 """The self-draft of speculative decoding: the model's own dense part with its experts at a low stored precision,
-held in a cache of their own, and the expert lookahead its routing gives the target's cache.
+held in a cache of their own, and the expert lookahead its routing gives the target's cache. Torch-free: a live
+model drives it from its draft passes, a replay from a trace's recorded draft routing (`specmd.sim.speculate`).
 
 The draft runs the same forward passes as the model (same weights, same KV cache) except that each MoE layer
 computes its experts from the draft's cache at the draft's precision. What it routes to at every MoE layer for
@@ -8,30 +9,39 @@ positions (the routers are the model's own; only the expert outputs upstream dif
 draft layer those experts are queued on the target's cache as prefetches for the verify pass: nearest layer
 first, highest routing weight first.
 
-Shapes: T = real tokens of the pass, K = experts per token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
-import torch
+from specmd.cache.manager import CacheManager, Payload
 
-from specmd.cache.live.payload import LivePayload
-from specmd.cache.manager import CacheManager
+
+class DraftPayload(Payload, Protocol):
+    """A live model's payload for the draft's cache, which a recovery empties."""
+
+    def reset(self) -> None:
+        """Free every slot."""
+        ...
 
 
 class SelfDraft:
     """The draft's cache manager (its own capacity and arena, on the target's link and clock) and its lookahead.
 
     `lookahead` switches the expert lookahead on or off (on by default; off, the draft only proposes tokens).
+    `payload` is a live model's (None in a replay, which moves no bytes).
     """
 
-    def __init__(self, rebuild: Callable[[], CacheManager], payload: LivePayload, moe_layers: Sequence[int]) -> None:
+    def __init__(
+        self, rebuild: Callable[[], CacheManager], payload: DraftPayload | None, moe_layers: Sequence[int]
+    ) -> None:
         self._rebuild = rebuild
         self.payload = payload
         self.manager = rebuild()
-        self.manager.attach(payload)
+        if payload is not None:
+            self.manager.attach(payload)
         self.lookahead = True
         self._position = {layer: i for i, layer in enumerate(moe_layers)}
         self._buffer: dict[tuple[int, int], float] = {}  # (layer, expert) -> highest routing weight drafted
@@ -40,10 +50,11 @@ class SelfDraft:
     def recover(self) -> CacheManager:
         """A fresh empty draft cache (after a draft pass raised), keeping its counters and payload."""
         old = self.manager
-        self.payload.reset()
         fresh = self._rebuild()
         fresh.stats = old.stats
-        fresh.attach(self.payload)
+        if self.payload is not None:
+            self.payload.reset()
+            fresh.attach(self.payload)
         self.manager = fresh
         return fresh
 
@@ -57,16 +68,17 @@ class SelfDraft:
     def observe(
         self,
         layer: int,
-        routed: torch.Tensor,  # [T, K]
-        weights: torch.Tensor,  # [T, K]
+        experts: Sequence[int],
+        weights: Sequence[float],
         target: CacheManager,
     ) -> None:
-        """A draft layer's routing joins the lookahead buffer, which goes to `target` as prefetches for its next pass
-        in priority order; the link carries them while the draft computes on."""
+        """A draft layer's routing (every token's chosen experts and their weights, flattened alike) joins the
+        lookahead buffer, which goes to `target` as prefetches for its next pass in priority order; the link
+        carries them while the draft computes on."""
         if not self.lookahead:
             return
         buffer = self._buffer
-        for expert, weight in zip(routed.reshape(-1).tolist(), weights.reshape(-1).tolist(), strict=True):
+        for expert, weight in zip(experts, weights, strict=True):
             key = (layer, expert)
             if weight > buffer.get(key, -1.0):
                 buffer[key] = weight
