@@ -36,6 +36,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--num-processes", type=options.positive_int, default=1, help="data-parallel ranks, each with its own "
         "model and cache, the documents shared out (1): one per GPU with --device cuda, else CPU processes",
     )  # fmt: skip
+    options.add_speculation(evaluate)
     evaluate.add_argument("--log-samples", action="store_true", help="keep every prompt and output in the result")
     evaluate.add_argument(
         "--print-task-dir", action="store_true", help="print the task directory for `lm_eval --include_path` and exit"
@@ -80,6 +81,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_gen_toks=args.max_gen_toks,
         log_samples=args.log_samples,
         progress=not args.json and ranks.rank() == 0,
+        speculate=args.speculate,
+        draft_frac=args.draft_frac,
+        draft_precision=args.draft_precision,
     )
     if results is None:  # a rank other than 0: rank 0 shows the results of all
         return 0

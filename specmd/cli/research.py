@@ -49,7 +49,6 @@ def trace_file(text: str) -> str:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from specmd.offload_models.speculative import record_lookahead
     from specmd.sim.record import TraceRecorder
 
     prompts = options.read_prompts(args.prompts)
@@ -62,8 +61,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
                 options.continuations(model, tokenizer, encoded, args.max_new_tokens)
             else:
                 for inputs in encoded:
-                    record_lookahead(
-                        model, recorder, args.lookahead, **inputs.to(model.device),
+                    model.generate_lookahead(
+                        recorder, args.lookahead, **inputs.to(model.device),
                         max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False,
                     )  # fmt: skip
         stats = model.cache_stats()

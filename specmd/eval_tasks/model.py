@@ -7,6 +7,10 @@
 A key none of them takes (a typo such as `cache_fracc`) is one ValueError listing the keys it accepts, raised
 before anything loads, instead of a TypeError from deep inside transformers (`check_model_args`).
 
+`speculate=K` (or `auto`, `auto:K_max`) with `draft_frac=...` (and `draft_precision=...`) decodes the
+generation requests speculatively with the model's self-draft (`generate(speculative=...)`, greedy output
+unchanged), one request at a time (`batch_size=1`); its counters join the task's cache metrics.
+
 Cache metrics, per task: the counters restart when a task's requests start (the cache keeps what it holds)
 and are read when they end. `get_model_info()` hands them to lm_eval, which writes them in the results
 JSON under ``config.specmd.tasks.<task>`` beside the scores under ``results.<task>``. Launched as several
@@ -38,6 +42,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from specmd import __version__
+from specmd.cache.governor import check_speculative
 from specmd.eval_tasks import MODEL_NAME, ranks
 from specmd.offload_models.auto import AutoOffloadForCausalLM
 from specmd.offload_models.base import OffloadMixin
@@ -59,9 +64,22 @@ class OffloadHFLM(HFLM):
         pretrained: str = "default",
         cache_frac: float | None = None,
         cache_bytes: int | str | None = None,
+        speculate: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         check_model_args(kwargs)
+        if speculate is not None:
+            check_speculative(speculate)
+            if str(kwargs.get("batch_size", 1)) != "1":
+                raise ValueError(
+                    f"speculate={speculate!r} decodes one request at a time: use batch_size=1 "
+                    f"(got batch_size={kwargs['batch_size']!r})"
+                )
+            if kwargs.get("draft_frac") is None and kwargs.get("draft_bytes") is None:
+                raise ValueError(
+                    f"speculate={speculate!r} needs the self-draft's budget: add draft_frac=... (e.g. 1.0)"
+                )
+        self.speculate = speculate
         if pretrained == "default":
             from specmd.default_model import default_model_path
 
@@ -154,6 +172,8 @@ class OffloadHFLM(HFLM):
 
     # ---- pad tokens request nothing -------------------------------------------------------------
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):
+        if self.speculate is not None:  # one request (batch_size=1): no row to mask
+            return super()._model_generate(context, max_length, stop, speculative=self.speculate, **generation_kwargs)
         rows = _FinishedRows(
             stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0]),
             self.model.generation_config.eos_token_id,
@@ -202,7 +222,7 @@ def accepted_model_args() -> dict[str, list[str]]:
     def named(function: Callable[..., Any], kinds: tuple[Any, ...]) -> list[str]:
         return [n for n, p in inspect.signature(function).parameters.items() if p.kind in kinds and n != "self"]
 
-    specmd = named(OffloadMixin.from_pretrained, (inspect.Parameter.KEYWORD_ONLY,))
+    specmd = [*named(OffloadMixin.from_pretrained, (inspect.Parameter.KEYWORD_ONLY,)), "speculate"]
     hflm = named(HFLM.__init__, (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
     transformers = [key for key in SUPPORTED if key not in hflm]
     return {"specmd's": specmd, "lm_eval HFLM's": hflm, "transformers from_pretrained's": transformers}

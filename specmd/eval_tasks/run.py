@@ -43,11 +43,16 @@ def evaluate(
     max_gen_toks: int | None = None,
     log_samples: bool = False,
     progress: bool = True,
+    speculate: int | str | None = None,
+    draft_frac: float | None = None,
+    draft_precision: str = "int4",
 ) -> dict[str, Any] | None:
     """Evaluate `model` (a checkpoint, hub id or "default") on lm_eval `tasks`; lm_eval's results dict.
 
     `data` is where specmd's tasks read documents: "fixtures", "hub" or a JSONL directory (`data.py`); the
-    cache settings are `from_pretrained`'s. No code of the checkpoint's own runs (`trust_remote_code=False`).
+    cache settings are `from_pretrained`'s; `speculate` decodes the generation requests speculatively with a
+    self-draft of `draft_frac` at `draft_precision` (one request at a time: `batch_size` 1). No code of the
+    checkpoint's own runs (`trust_remote_code=False`).
     In a data-parallel launch (`ranks`) every rank calls it; rank 0 gets the results of all, the others None.
     """
     check_inputs(model, data)
@@ -75,6 +80,8 @@ def evaluate(
     }
     if policy is not None:
         model_args["policy"] = policy
+    if speculate is not None:
+        model_args |= {"speculate": speculate, "draft_frac": draft_frac, "draft_precision": draft_precision}
     results = lm_eval.simple_evaluate(
         model=MODEL_NAME,
         model_args=model_args,

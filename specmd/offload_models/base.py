@@ -454,6 +454,15 @@ class OffloadMixin:
                 raise ValueError("speculative decoding takes its settings as keywords, not positional arguments")
         return speculative_generate(self, speculative, **kwargs)
 
+    def generate_lookahead(self, recorder: Any, lookahead: int, **kwargs: Any) -> Any:
+        """Greedy decoding (generate's keywords) that shows `recorder`, a `specmd.sim.record.TraceRecorder`
+        observing this model, the self-draft's chain of up to `lookahead` drafts at every decode position: a
+        lookahead trace (`specmd.sim.record(..., lookahead=K)` calls this). Returns the token ids as `generate`
+        does, plain greedy decoding's. See `specmd.offload_models.speculative.record_lookahead`."""
+        from specmd.offload_models.speculative import record_lookahead
+
+        return record_lookahead(self, recorder, lookahead, **kwargs)
+
     def _runtime(self) -> OffloadRuntime:
         if self._specmd is None:
             raise RuntimeError(

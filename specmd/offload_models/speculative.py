@@ -25,9 +25,32 @@ from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper
 from specmd.cache.governor import Counters, Governor, VerifyOutcome, check_speculative, make_governor
 
 SUPPORTED = (
-    "input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-    "eos_token_id", "pad_token_id", "streamer", "generation_config", "use_cache",
+    "input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
+    "eos_token_id", "pad_token_id", "streamer", "generation_config", "use_cache", "stopping_criteria",
 )  # fmt: skip
+GENERATION_KEYS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+                   "pad_token_id")  # fmt: skip
+"""generate's keywords that go into the generation config."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """generate's keywords checked for speculative decoding: the prompt ([1, prompt length]), the generation config,
+    the new tokens wanted, the end-of-text tokens and the stopping criteria (transformers' or lm_eval's)."""
+
+    input_ids: torch.Tensor
+    config: Any
+    new: int
+    stops: set[int]
+    criteria: Sequence[Any]
+
+    def stopped(self, tokens: Sequence[int]) -> bool:
+        """Whether a stopping criterion ends the text once the new `tokens` follow the prompt (each criterion is
+        asked after every token, in order, as generate asks it)."""
+        if not self.criteria:
+            return False
+        ids = torch.cat([self.input_ids, torch.tensor([list(tokens)], device=self.input_ids.device)], dim=1)
+        return any(bool(torch.as_tensor(criterion(ids, None)).any()) for criterion in self.criteria)
 
 
 @dataclass(frozen=True)
@@ -86,9 +109,8 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: Sequence[int]) -> t
     return len(drafts), int(torch.multinomial(p[len(drafts)], 1))
 
 
-def _settings(model: Any, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, int, set[int]]:
-    """generate's keywords checked for speculative decoding: the prompt, the generation config, the new tokens
-    wanted and the stop tokens."""
+def _settings(model: Any, kwargs: dict[str, Any]) -> Settings:
+    """generate's keywords checked for speculative decoding."""
     unknown = sorted(set(kwargs) - set(SUPPORTED))
     if unknown:
         raise ValueError(f"speculative decoding does not take {', '.join(unknown)}; it takes {', '.join(SUPPORTED)}")
@@ -101,7 +123,7 @@ def _settings(model: Any, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, in
     if mask is not None and not bool(mask.all()):
         raise ValueError("speculative decoding runs unpadded prompts; the attention mask has padding")
     config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
-    config.update(**{k: v for k, v in kwargs.items() if k in SUPPORTED[2:9] and v is not None})
+    config.update(**{k: v for k, v in kwargs.items() if k in GENERATION_KEYS and v is not None})
     new = config.max_new_tokens
     if new is None:
         new = config.max_length - input_ids.shape[1]
@@ -109,12 +131,12 @@ def _settings(model: Any, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, in
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {new!r}")
     eos = config.eos_token_id
     stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-    return input_ids, config, new, stops
+    return Settings(input_ids, config, new, stops, list(kwargs.get("stopping_criteria") or ()))
 
 
 def speculative_generate(model: Any, speculative: int | str, **kwargs: Any) -> torch.Tensor:
     """`model.generate(..., speculative=...)`: the prompt and its continuation, [1, prompt + new] token ids."""
-    input_ids, config, new, stops = _settings(model, kwargs)
+    settings = _settings(model, kwargs)
     runtime = model._runtime()
     check_speculative(speculative)
     governor = runtime.governors.get(speculative)  # what a governor learned carries over to the next text
@@ -122,20 +144,24 @@ def speculative_generate(model: Any, speculative: int | str, **kwargs: Any) -> t
         governor = runtime.governors[speculative] = make_governor(speculative, runtime.manager, runtime.draft)
     streamer = kwargs.get("streamer")
     with model._forward_lock, torch.no_grad():
-        tokens = _decode(model, runtime, input_ids, new, Picker.from_config(config), governor, stops, streamer)
-    return _output(input_ids, tokens)
+        tokens = _decode(model, runtime, settings, Picker.from_config(settings.config), governor, streamer)
+    return _output(settings.input_ids, tokens)
 
 
 def record_lookahead(model: Any, recorder: Any, lookahead: int, **kwargs: Any) -> torch.Tensor:
     """Greedy decoding that shows `recorder` (a `specmd.sim.record.TraceRecorder` observing the model), at every
     decode position, the self-draft's chain of up to `lookahead` drafts and the verify pass over them: a lookahead
-    trace, from which a replay runs speculative decoding with any K <= `lookahead` or the governor. Each position
-    is verified with its whole chain and decoding moves on one token, so the output is plain greedy decoding's."""
+    trace, from which a replay runs speculative decoding with any K <= `lookahead` or the governor. Each position's
+    chain is drafted and verified and then dropped from the KV cache, and the position decodes plainly: the output,
+    the KV cache and the position's own routing are plain greedy decoding's, pass for pass."""
     if not (isinstance(lookahead, int) and not isinstance(lookahead, bool) and lookahead >= 1):
         raise ValueError(f"lookahead must be a whole number of drafted tokens >= 1, got {lookahead!r}")
-    input_ids, config, new, stops = _settings(model, kwargs)
-    if config.do_sample:
+    settings = _settings(model, kwargs)
+    input_ids, new, stops = settings.input_ids, settings.new, settings.stops
+    if settings.config.do_sample:
         raise ValueError("a lookahead trace records greedy decoding; pass do_sample=False")
+    if settings.criteria:
+        raise ValueError("a lookahead trace records decoding that ends at max_new_tokens or an end-of-text token")
     runtime = model._runtime()
     if runtime.draft is None:
         raise ValueError(
@@ -152,13 +178,15 @@ def record_lookahead(model: Any, recorder: Any, lookahead: int, **kwargs: Any) -
             position = cache.get_seq_length()
             k = min(lookahead, new - len(tokens) - 1)
             recorder.begin_chain(position)
-            drafts, _ = _draft(runtime, forward, greedy, pending, k)
-            cache.crop(-k)
-            logits = forward([pending, *drafts])  # [K+1, V]
-            kept, _ = accept_greedy(logits, drafts)
+            kept = 0
+            if k:
+                drafts, _ = _draft(runtime, forward, greedy, pending, k)
+                cache.crop(-k)
+                logits = forward([pending, *drafts])  # [K+1, V]: the verify pass
+                kept, _ = accept_greedy(logits, drafts)
+                cache.crop(-(k + 1))
             recorder.end_chain(kept)
-            cache.crop(-k)  # the pending token's entries stay
-            pending = int(torch.argmax(logits[0]))
+            pending = int(torch.argmax(forward([pending])[-1]))  # the plain pass: the position's own routing
             tokens.append(pending)
     return _output(input_ids, tokens)
 
@@ -182,16 +210,10 @@ def _forwarder(model: Any, cache: DynamicCache, device: torch.device) -> Callabl
 
 
 def _decode(
-    model: Any,
-    runtime: Any,
-    input_ids: torch.Tensor,
-    max_new: int,
-    picker: Picker,
-    governor: Governor,
-    stops: set[int],
-    streamer: Any,
+    model: Any, runtime: Any, settings: Settings, picker: Picker, governor: Governor, streamer: Any
 ) -> list[int]:
     """The decode loop; returns the new tokens."""
+    input_ids, max_new, stops = settings.input_ids, settings.new, settings.stops
     cache = DynamicCache(config=model.config)
     forward = _forwarder(model, cache, input_ids.device)
 
@@ -204,7 +226,8 @@ def _decode(
     pending, _ = picker.pick(forward(input_ids)[-1])
     tokens = [pending]
     emit(tokens)
-    while len(tokens) < max_new and pending not in stops:
+    done = settings.stopped(tokens)
+    while len(tokens) < max_new and pending not in stops and not done:
         base = cache.get_seq_length()
         k = governor.choose(max_new - len(tokens) - 1, base)
         before = Counters.of(runtime.manager)
@@ -226,6 +249,10 @@ def _decode(
                 new = new[: i + 1]
                 break
         new = new[: max_new - len(tokens)]
+        for i in range(len(new)):  # a stopping criterion met ends the text at that token
+            if settings.stopped([*tokens, *new[: i + 1]]):
+                new, done = new[: i + 1], True
+                break
         manager.stats.record_verify(k, len(new) - 1)
         governor.update(VerifyOutcome(k, kept, before, Counters.of(manager)))
         tokens.extend(new)

@@ -17,9 +17,9 @@ class TraceRecorder:
     The model calls `begin_pass` with each real (non-pad) token's (batch row, position), `layer` once per
     MoE layer with per-token lists, and `end_pass`. Each generation's sequences get new sequence numbers.
 
-    A lookahead recording (`specmd.offload_models.speculative.record_lookahead`) wraps each decode position's
-    draft passes (`begin_draft_pass`) and verify pass in `begin_chain` / `end_chain`: the verify pass's first
-    token is the position's own routing, the rest and the draft passes make the position's `Chain`.
+    A lookahead recording (`generate_lookahead` of an offloaded model) wraps each decode position's
+    draft passes (`begin_draft_pass`) and verify pass in `begin_chain` / `end_chain`: they make the position's
+    `Chain`; its plain pass follows as usual.
     """
 
     def __init__(self, meta: Mapping[str, Any]) -> None:
@@ -101,9 +101,8 @@ class TraceRecorder:
         self._pending = []
         if self._drafting:
             self._draft.extend(pending)
-        elif self._chain is not None:  # the verify pass: its first token is the position's own
-            self.events.extend(e for e in pending if e.token == self._chain)
-            self._verify.extend(e for e in pending if e.token != self._chain)
+        elif self._chain is not None:  # the chain's verify pass
+            self._verify.extend(pending)
         else:
             self.events.extend(pending)
 
@@ -123,10 +122,10 @@ def record(
     recorded. Replay reproduces a batch-1 run's counters exactly; batched sequences replay one by one.
 
     `lookahead=K` (a model with a self-draft, greedy, one sequence) records a lookahead trace instead: at every
-    decode position the draft's chain of up to K drafts and the verify pass over them
-    (`specmd.offload_models.speculative.record_lookahead`), so `specmd.sim.replay(..., speculative=k)` replays
-    speculative decoding with any k <= K, or the governor, at any capacity, link and hardware. Decoding moves on
-    one token a step, so the recording run's own counters are not those of a speculative run.
+    decode position the draft's chain of up to K drafts and the verify pass over them (`generate_lookahead`),
+    so `specmd.sim.replay(..., speculative=k)` replays speculative decoding with any k <= K, or the governor, at
+    any capacity, link and hardware. Each position also decodes plainly after its chain, so the recording run's
+    own counters are not those of any one run.
     """
     if "speculative" in generate_kwargs:
         raise ValueError(
@@ -138,8 +137,6 @@ def record(
         if lookahead is None:
             output = model.generate(input_ids, **generate_kwargs)
         else:
-            from specmd.offload_models.speculative import record_lookahead
-
-            output = record_lookahead(model, recorder, lookahead, input_ids=input_ids, **generate_kwargs)
+            output = model.generate_lookahead(recorder, lookahead, input_ids=input_ids, **generate_kwargs)
     recorder.trace().save(path)
     return output

@@ -34,8 +34,11 @@ from specmd.cache.hardware import PROFILES
 from specmd.sim.sweep import NATIVE, read_results
 
 INTEGER = {"requests", "hits", "late_prefetches", "misses", "collision_misses", "prefetches_issued",
-           "prefetches_used", "evictions", "drops", "substitutions", "bytes_transferred", "decode_tokens"}  # fmt: skip
-FLOAT = {"cache_frac", "hit_rate", "prefetch_precision", "prefetch_recall", "stall_s", "ttft_s", "tokens_per_s"}
+           "prefetches_used", "evictions", "drops", "substitutions", "bytes_transferred", "decode_tokens",
+           "drafted_tokens", "verify_passes", "lookahead_prefetches_issued", "lookahead_prefetches_used",
+           "lookahead_prefetches_late"}  # fmt: skip
+FLOAT = {"cache_frac", "hit_rate", "prefetch_precision", "prefetch_recall", "stall_s", "ttft_s", "tokens_per_s",
+         "acceptance_rate", "tokens_per_verify"}  # fmt: skip
 Row = dict[str, Any]
 
 
@@ -47,6 +50,7 @@ def _typed(row: dict[str, str]) -> Row:
         out[name] = float(row[name])
     out["per_layer"] = json.loads(row["per_layer"])
     out["fetches_by_precision"] = json.loads(row["fetches_by_precision"])
+    out["speculate_k"] = json.loads(row["speculate_k"])
     return out
 
 
@@ -257,7 +261,37 @@ def _tables(group: Sequence[Row]) -> list[str]:
         lines.append("")
     if any(r["lossy"] for r in group):
         lines.append(LOSSY_NOTE + "\n")
-    return lines
+    return lines + _speculation_table(group)
+
+
+SPECULATION_NOTE = (
+    'Speculative rows replay a lookahead trace (`specmd trace --lookahead K`): "x plain" divides their tokens/s by '
+    "the same mix decoding plainly at the same capacity; acceptance = accepted / drafted tokens; lookahead = the "
+    "prefetches the draft's routing queued for the verify pass, used / issued (late)."
+)
+
+
+def _speculation_table(group: Sequence[Row]) -> list[str]:
+    """The speculative rows' own metrics, per capacity (none when no row speculates)."""
+    drafted = [r for r in group if r.get("speculate")]
+    if not drafted:
+        return []
+    plain = {(r["cache_frac"], r["policy"]): r["tokens_per_s"] for r in group if not r.get("speculate")}
+    lines = ["### speculative decoding\n", SPECULATION_NOTE + "\n",
+             "| cache | policy | tokens/s | x plain | acceptance | tokens per verify | mean K | lookahead |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in sorted(drafted, key=lambda r: (r["cache_frac"], natural(label(r)))):
+        base = plain.get((r["cache_frac"], r["policy"]))
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        ks = r["speculate_k"]
+        lookahead = f"{r['lookahead_prefetches_used']:,} / {r['lookahead_prefetches_issued']:,} "
+        lookahead += f"({r['lookahead_prefetches_late']:,})"
+        lines.append(
+            f"| {percent(r['cache_frac'])} | {label(r)} | {r['tokens_per_s']:,.1f} | {ratio} | "
+            f"{r['acceptance_rate']:.0%} | {r['tokens_per_verify']:.2f} | {sum(ks) / len(ks) if ks else 0:.2f} | "
+            f"{lookahead} |"
+        )
+    return [*lines, ""]
 
 
 # ---- figures --------------------------------------------------------------------------------------

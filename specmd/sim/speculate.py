@@ -5,10 +5,16 @@ lookahead and the verify passes driven through the same engine, `SelfDraft`, gov
 A lookahead trace (`specmd.sim.record(..., lookahead=K)`) holds, at every decode position, the draft's chain of
 up to K drafts and the model's verify pass over them (`Chain`). A step at position p drafting k <= K tokens
 replays the chain's first k draft passes (each layer's routing also queued as lookahead prefetches for the
-target, as live), then one verify pass over the position's own routing and the chain's verify rows 1..k; it
-keeps min(k, accepted) drafts plus the model's own next token and moves on to the position after them. The
-governor chooses k from the emulated clock as it does live, so a sweep compares speculation with plain decoding
-and next-layer prefetch at any capacity, link and hardware. Greedy decoding only (a recording is greedy).
+target, as live), then one verify pass over the chain's verify rows 0..k; it keeps min(k, accepted) drafts plus
+the model's own next token and moves on to the position after them. A step drafting nothing is the position's
+plain pass. The governor chooses k from the emulated clock as it does live, so a sweep compares speculation with
+plain decoding and next-layer prefetch at any capacity, link and hardware. Greedy decoding only.
+
+Exactness: the chain's rows are those of a pass over K + 1 tokens; a live step drafting k < K computes them in a
+pass over k + 1, and its KV cache holds verify passes' entries where the recording's holds plain passes'. Where
+the model's batched arithmetic gives each row the same result whatever the batch (fp32 on the CPU: the tests'
+models) replay equals live counter for counter; in bf16 a near-tie in a router can flip between the two, and the
+replay is close rather than equal (measured in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -101,8 +107,8 @@ def run_speculative(
                     passed = [e for e in chain.draft if e.token == position + j]
                     build_pass(seq, passed, layers, predictor).run(draft.manager, _lookahead(draft, target))
                 target.stats.record_draft(draft.end(target), 0.0)
-            rows = [e for e in chain.verify if e.token <= position + k] if chain is not None else []
-            build_pass(seq, decode[position] + rows, layers, predictor).run(target)
+            rows = [e for e in chain.verify if e.token <= position + k] if chain is not None and k else decode[position]
+            build_pass(seq, rows, layers, predictor).run(target)
             kept = min(k, chain.accepted) if chain is not None else 0
             new = min(kept + 1, last + 1 - position)  # the text ends at the token after the last position
             target.stats.record_verify(k, new - 1)

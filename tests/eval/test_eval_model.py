@@ -168,3 +168,32 @@ def test_storage_disk_in_model_args_scores_the_same(lm: OffloadHFLM, eval_model:
         assert disk.loglikelihood(loglikelihood_requests()) == lm.loglikelihood(loglikelihood_requests())
     finally:
         disk.model.close()
+
+
+@pytest.mark.parametrize("speculate", [3, "auto"])
+def test_speculate_in_model_args_generates_the_same_text(stock: HFLM, eval_model: Path, speculate: object) -> None:
+    args = f"pretrained={eval_model},cache_frac=0.5,speculate={speculate},draft_frac=1.0,draft_precision=int2"
+    drafted = OffloadHFLM.create_from_arg_string(args, {"device": "cpu", "batch_size": 1})
+    try:
+        for until in (["e"], ["\n", "a"], ["no such stop"]):  # stop sequences end the text where they do plainly
+            assert drafted.generate_until(generate_requests(until)) == stock.generate_until(generate_requests(until))
+            stats = drafted.task_stats["t"]
+            assert stats["verify_passes"] > 0 and stats["lm_eval_requests"] == len(PROMPTS)
+        assert len(stats["speculate_k"]) == stats["verify_passes"]  # at native speed the governor may stay plain
+        assert (stats["drafted_tokens"] > 0) == (speculate == 3) and stats["accepted_tokens"] <= stats["drafted_tokens"]
+        assert drafted.get_model_info()["specmd"]["tasks"]["t"]["drafted_tokens"] == stats["drafted_tokens"]
+    finally:
+        drafted.model.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"speculate": 2, "draft_frac": 1.0, "batch_size": 4}, "decodes one request at a time: use batch_size=1"),
+        ({"speculate": 2}, "needs the self-draft's budget"),
+        ({"speculate": "soon", "draft_frac": 1.0}, "speculative must be a whole number"),
+    ],
+)
+def test_bad_speculate_model_args_are_refused_before_loading(tmp_path: Path, args: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        OffloadHFLM(pretrained=str(tmp_path / "no-such-model"), device="cpu", **args)

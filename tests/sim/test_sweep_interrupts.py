@@ -49,7 +49,7 @@ def torn_copies(finished: Path, tmp_path: Path) -> dict[str, Path]:
     last = raw.rstrip(b"\r\n").rfind(b"\n") + 1  # where the last row starts
     row = raw[last:]
     fields = next(csv.reader([row.decode()]))
-    number = COLUMNS.index("requests")
+    number, per_layer = COLUMNS.index("requests"), COLUMNS.index("per_layer")
 
     def line(values: list[str]) -> bytes:
         text = io.StringIO()
@@ -62,7 +62,8 @@ def torn_copies(finished: Path, tmp_path: Path) -> dict[str, Path]:
         "cut inside a quoted field": raw[: last + row.index(b'"') + 5],
         "a field short, with a line end": raw[:last] + line(fields[:-1]),
         "a number cut short, with a line end": raw[:last] + line([*fields[:number], "12e", *fields[number + 1 :]]),
-        "per_layer cut short, with a line end": raw[:last] + line([*fields[:-1], fields[-1][:30]]),
+        "per_layer cut short, with a line end": raw[:last]
+        + line([*fields[:per_layer], fields[per_layer][:30], *fields[per_layer + 1 :]]),
         "a line end inside a quote": raw[:last] + row[: row.rfind(b"[")] + b"[{\r\n",
     }
     paths = {}

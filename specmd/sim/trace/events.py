@@ -78,9 +78,9 @@ class Chain:
 
     At `position` (where the pending token sits) the draft proposed K tokens, one pass each: `draft` holds its
     routing events, at tokens position .. position + K - 1 (pass j at position + j), every MoE layer each. The
-    model then verified the pending token and the K drafts in one pass: its row 0 is the trace's own event at
-    `position`, rows 1..K are `verify`, at tokens position + 1 .. position + K. The first `accepted` drafts were
-    the model's own greedy choices. A speculative step drafting k <= K tokens from here is this chain cut to k.
+    model then verified the pending token and the K drafts in one pass: `verify`, at tokens position ..
+    position + K. The first `accepted` drafts were the model's own greedy choices. A speculative step drafting
+    k <= K tokens from here is this chain cut to k; a plain step is the trace's own event at `position`.
     """
 
     seq: int
@@ -110,20 +110,21 @@ class Chain:
         k = self.length
         if self.accepted > k:
             return f"the chain accepts {self.accepted} drafts of {k}"
-        for name, events, first in (("draft", self.draft, self.position), ("verify", self.verify, self.position + 1)):
+        for name, events, width in (("draft", self.draft, k), ("verify", self.verify, k + 1 if k else 0)):
+            first = self.position
             seen: set[tuple[int, int]] = set()
             for event in events:
                 problem = rules.problem(event)
                 if problem is None and event.seq != self.seq:
                     problem = f"belongs to sequence {event.seq}, not the chain's {self.seq}"
-                if problem is None and not first <= event.token < first + k:
-                    problem = f"token {event.token} is outside [{first}, {first + k})"
+                if problem is None and not first <= event.token < first + width:
+                    problem = f"token {event.token} is outside [{first}, {first + width})"
                 if problem is None and (event.token, event.layer) in seen:
                     problem = f"token {event.token} layer {event.layer} comes twice"
                 if problem is not None:
                     return f"{name} event: {problem}"
                 seen.add((event.token, event.layer))
-            if len(seen) != k * len({layer for _, layer in seen}):
+            if len(seen) != width * len({layer for _, layer in seen}):
                 return f"the {name} events do not give every token the same MoE layers"
         draft_layers = {event.layer for event in self.draft}
         if {event.layer for event in self.verify} != draft_layers:
