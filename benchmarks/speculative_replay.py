@@ -112,7 +112,11 @@ def main() -> None:
             for setting in SPECULATE[1:]:
                 row = spec[str(setting)]
                 tokens, accept = float(row["tokens_per_s"]), float(row["acceptance_rate"])
-                parts.append(f"K={setting} {tokens:.1f} ({tokens / plain[best]:.2f}x, accept {accept:.2f})")
+                ks = json.loads(row["speculate_k"])
+                parts.append(
+                    f"K={setting} {tokens:.1f} ({tokens / plain[best]:.2f}x, accept {accept:.2f}, "
+                    f"mean K {sum(ks) / len(ks):.1f})"
+                )
             print(f"{hardware:15} {capacity:4.0%}  " + "; ".join(parts))
 
 
