@@ -21,6 +21,7 @@ from specmd.cache.engine import ExpertCache
 from specmd.cache.keys import ExpertKey, Tick
 from specmd.cache.live.arena import SlotArena
 from specmd.cache.live.copiers import CpuCopier
+from specmd.cache.live.host import HostTier
 from specmd.cache.live.payload import LivePayload
 from specmd.cache.live.store import RamStore
 from specmd.cache.live.watchdog import Watchdog
@@ -182,6 +183,40 @@ def test_mixed_precisions_through_engine_payload_and_arena(checkpoint: Path) -> 
             assert torch.equal(job.out, fmt.forward(x, fmt.unpack(store[key], TINY_SHAPE), F.silu))
             assert cache.resident_bytes <= capacity and len(arena) == len(cache)
         assert arena.compactions > 0  # the mix fragmented the arena and compaction placed the rest
+    finally:
+        watchdog.stop()
+
+
+def test_mixed_precisions_through_a_host_tier_that_compacts(checkpoint: Path) -> None:
+    """A host-RAM tier holding experts at three precisions compacts its arena as it fills; every copy out of it
+    (read while blocks move) gives exactly the expert's stored bytes."""
+    precisions = ("fp32", "int8", "hqq2")
+    formats = {p: get_format(p) for p in precisions}
+    experts = ExpertCheckpoint(checkpoint_files(checkpoint), MLP_EXPERT_KEYS, range(4), 16, TINY_SHAPE)
+    store = RamStore.build(experts, list(formats.values()), TINY_SHAPE, pin=False, progress=False)
+    sizes = {p: fmt.nbytes(TINY_SHAPE) for p, fmt in formats.items()}
+    capacity = 3 * sizes["fp32"] + 100
+    arena = SlotArena(capacity, sizes.values(), torch.device("cpu"))
+    watchdog = Watchdog()
+    try:
+        host = HostTier(store, arena, watchdog, timeout_s=30.0)
+        cache = ExpertCache(
+            capacity, PolicySpec.parse("none/lru/fetch/standard").build().eviction, sizes, listener=host
+        )
+        rng = random.Random(0)
+        for step in range(1, 400):
+            key = ExpertKey(rng.randrange(4), rng.randrange(16), rng.choice(precisions))
+            tick = Tick(step, step, key.layer, float(step))
+            if key not in cache:
+                assert cache.make_room(sizes[key.precision], tick) is not None
+                cache.insert(key, tick, ready_at=float(step))
+            else:
+                cache.touch(key, tick)
+            copied = torch.empty(sizes[key.precision], dtype=torch.uint8)
+            host.read_into(key, copied, CpuCopier()).synchronize()
+            assert torch.equal(copied, store[key].reshape(-1).view(torch.uint8)), key
+            assert cache.resident_bytes <= capacity and len(arena) == len(cache)
+        assert arena.compactions > 0  # the mix fragmented the host arena and compaction placed the rest
     finally:
         watchdog.stop()
 

@@ -13,7 +13,7 @@ payload) first waits for the copies in flight, then refreshes its views of the b
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -130,6 +130,19 @@ class SlotArena:
             hole = (self._holes.pop(i - 1)[0], hole[1])
             i -= 1
         self._holes.insert(i, hole)
+
+    def acquire_compacting(self, nbytes: int, settle: Callable[[], None]) -> tuple[int, list[int]]:
+        """A block of `nbytes`, compacting the arena first when no hole is large enough: `settle()` is called
+        before (it leaves every block quiescent, as `compact` needs). Returns the handle and the handles of the
+        blocks compaction moved (their views must be taken again)."""
+        handle = self.acquire(nbytes)
+        if handle is not None:
+            return handle, []
+        settle()
+        moved = self.compact()
+        handle = self.acquire(nbytes)
+        assert handle is not None, "a compacted arena holds every set of experts the capacity admits"
+        return handle, moved
 
     def compact(self) -> list[int]:
         """Slide every block to the front (in address order) so the free bytes form one run; return the moved handles.

@@ -52,17 +52,22 @@ class HostTier:
 
     # ---- the host cache's listener ---------------------------------------------------------------
     def on_load(self, key: ExpertKey) -> None:
-        nbytes = self.store.nbytes(key)
-        handle = self.arena.acquire(nbytes)
-        if handle is None:
-            self._quiesce(self._blocks.values())
-            for block in self._blocks.values():
+        held: list[_Block] = []  # the blocks a compaction may move: no copy reads them until it is done
+
+        def settle() -> None:
+            held.extend(self._blocks.values())
+            self._hold(held)
+            for block in held:
                 block.ticket.wait(self.timeout_s)  # every block's own read lands before blocks move
-            self.arena.compact()  # views of moved blocks are refreshed below, before anyone reads them again
-            for block in self._blocks.values():
-                block.view = self.arena.view(block.handle)
-            handle = self.arena.acquire(nbytes)
-            assert handle is not None, "a compacted arena holds every set of experts the capacity admits"
+
+        try:
+            handle, moved = self.arena.acquire_compacting(self.store.nbytes(key), settle)
+            handles = set(moved)
+            for block in held:
+                if block.handle in handles:
+                    block.view = self.arena.view(block.handle)
+        finally:
+            self._release(held)
         view = self.arena.view(handle)
         label = f"expert {key.expert} of layer {key.layer} at {key.precision} (into host RAM)"
         ticket = self.watchdog.submit(partial(self.store.read_into, key, view, self._copier), label)
@@ -74,17 +79,27 @@ class HostTier:
         block.ticket.retire(self.timeout_s)  # no read may still land in the block once another key takes it
         self.arena.release(block.handle)
 
+    def _hold(self, blocks: list[_Block]) -> None:
+        """Wait until no copy reads `blocks`; copies that start meanwhile, and until `_release`, read the tier
+        below."""
+        with self._changed:
+            for block in blocks:
+                block.gone = True
+            idle = self._changed.wait_for(lambda: not any(b.readers for b in blocks), self.timeout_s)
+        if not idle:
+            self._release(blocks)
+            raise TransferError(f"a copy out of host RAM did not finish within {self.timeout_s:g} s")
+
+    def _release(self, blocks: list[_Block]) -> None:
+        with self._changed:
+            for block in blocks:
+                block.gone = False
+
     def _quiesce(self, blocks: Iterable[_Block]) -> None:
         """Wait until no copy reads `blocks` (new copies meanwhile read the tier below)."""
         held = list(blocks)
-        with self._changed:
-            for block in held:
-                block.gone = True
-            idle = self._changed.wait_for(lambda: not any(b.readers for b in held), self.timeout_s)
-            for block in held:
-                block.gone = False
-        if not idle:
-            raise TransferError(f"a copy out of host RAM did not finish within {self.timeout_s:g} s")
+        self._hold(held)
+        self._release(held)
 
     def reset(self) -> None:
         """Give up every expert (the cache is being rebuilt empty); safe to call again after an interruption."""

@@ -57,12 +57,8 @@ class LivePayload:
         self._slots: dict[ExpertKey, _Slot] = {}
 
     def on_load(self, key: ExpertKey) -> None:
-        nbytes = self.store.nbytes(key)
-        handle = self.arena.acquire(nbytes)
-        if handle is None:
-            self._compact()
-            handle = self.arena.acquire(nbytes)
-            assert handle is not None, "a compacted arena holds every set of experts the capacity admits"
+        handle, moved = self.arena.acquire_compacting(self.store.nbytes(key), self._settle)
+        self._refresh(moved)
         destination = self.arena.view(handle)
         label = f"expert {key.expert} of layer {key.layer} at {key.precision}"
         ticket = self.watchdog.submit(partial(self.store.read_into, key, destination, self.copier), label)
@@ -84,13 +80,18 @@ class LivePayload:
         self._slots.clear()
         self.arena.clear()  # also what a slot interrupted between its block and its record had taken
 
-    def _compact(self) -> None:
-        """Defragment the arena (mixed precisions only): wait for every copy, move blocks, refresh their views."""
+    def _settle(self) -> None:
+        """Before the arena compacts (mixed precisions only): every copy lands."""
         for slot in self._slots.values():
             slot.ticket.wait(self.timeout_s)  # evicted slots' copies were retired at eviction; these are the rest
-        moved = set(self.arena.compact())
+
+    def _refresh(self, moved: list[int]) -> None:
+        """The slots compaction moved view their new place."""
+        if not moved:
+            return
+        handles = set(moved)
         for slot in self._slots.values():
-            if slot.handle in moved:
+            if slot.handle in handles:
                 slot.buffer = self.arena.view(slot.handle)
                 slot.weights = None  # views into the old place; unpacked again on next use
 
