@@ -157,6 +157,14 @@ class SpeculationCounters:
     k_chosen: list[int] = field(default_factory=list)
 
 
+_SPECULATION = (
+    ("drafted", "drafted_tokens"), ("accepted", "accepted_tokens"), ("verify_passes", "verify_passes"),
+    ("draft_s", "draft_time_s"), ("lookahead_issued", "lookahead_prefetches_issued"),
+    ("lookahead_used", "lookahead_prefetches_used"), ("lookahead_late", "lookahead_prefetches_late"),
+)  # fmt: skip
+"""`SpeculationCounters`' summed fields and the `CacheStats` fields that report them."""
+
+
 class StatsRecorder:
     """Accumulates counters per MoE layer and per pass; `snapshot` turns them into `CacheStats`."""
 
@@ -238,15 +246,9 @@ class StatsRecorder:
             peak_host_resident_bytes=peak_host_bytes,
             host_capacity_bytes=host_capacity_bytes,
             per_layer=[c.to_dict() for c in per_layer],
-            drafted_tokens=spec.drafted,
-            accepted_tokens=spec.accepted,
+            **{stat: getattr(spec, counter) for counter, stat in _SPECULATION},
             acceptance_rate=_ratio(spec.accepted, spec.drafted),
-            verify_passes=spec.verify_passes,
             tokens_per_verify=_ratio(self.decode_tokens, spec.verify_passes),
-            draft_time_s=spec.draft_s,
-            lookahead_prefetches_issued=spec.lookahead_issued,
-            lookahead_prefetches_used=spec.lookahead_used,
-            lookahead_prefetches_late=spec.lookahead_late,
             speculate_k=list(spec.k_chosen),
             draft_capacity_bytes=draft_capacity_bytes,
             draft_peak_resident_bytes=draft_peak_bytes,
@@ -280,13 +282,8 @@ def combine(parts: Sequence[CacheStats]) -> CacheStats:
         recorder.decode_s += _ratio(part.decode_tokens, part.tokens_per_s)
         recorder.decode_wall_s += _ratio(part.decode_tokens, part.wall_tokens_per_s)
         spec = recorder.speculation
-        spec.drafted += part.drafted_tokens
-        spec.accepted += part.accepted_tokens
-        spec.verify_passes += part.verify_passes
-        spec.draft_s += part.draft_time_s
-        spec.lookahead_issued += part.lookahead_prefetches_issued
-        spec.lookahead_used += part.lookahead_prefetches_used
-        spec.lookahead_late += part.lookahead_prefetches_late
+        for counter, stat in _SPECULATION:
+            setattr(spec, counter, getattr(spec, counter) + getattr(part, stat))
         spec.k_chosen.extend(part.speculate_k)
     return recorder.snapshot(
         max(part.peak_resident_bytes for part in parts),
