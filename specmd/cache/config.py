@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 from specmd.cache.hardware import DEFAULT_HARDWARE, HardwareProfile, get_disk, get_profile
 from specmd.cache.layout import ExpertLayout
@@ -22,7 +22,7 @@ STORAGES = ("ram", "disk")
 and prices any other tier (a live model's registered ones too) as RAM."""
 
 
-def is_number(value: object) -> bool:
+def is_number(value: object) -> TypeGuard[float]:
     """A finite int or float that is not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
