@@ -73,15 +73,7 @@ class CacheConfig:
     version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        if (self.cache_frac is None) == (self.cache_bytes is None):
-            raise ValueError(
-                f"give exactly one of cache_frac and cache_bytes (got cache_frac={self.cache_frac!r}, "
-                f"cache_bytes={self.cache_bytes!r})"
-            )
-        if self.cache_frac is not None and not (is_number(self.cache_frac) and 0 < self.cache_frac <= 1):
-            raise ValueError(f"cache_frac must be a number with 0 < cache_frac <= 1, got {self.cache_frac!r}")
-        if self.cache_bytes is not None:
-            object.__setattr__(self, "cache_bytes", parse_size(self.cache_bytes, "cache_bytes"))
+        self._check_size("cache", required=True)
         object.__setattr__(self, "policy", PolicySpec.parse(self.policy))
         if not (self.bandwidth_gbps in (None, PROFILE) or (is_number(self.bandwidth_gbps) and self.bandwidth_gbps > 0)):
             raise ValueError(
@@ -96,32 +88,30 @@ class CacheConfig:
         self._check_lower_tiers()
         self._check_draft()
 
-    def _check_draft(self) -> None:
-        if self.draft_frac is not None and self.draft_bytes is not None:
+    def _check_size(self, prefix: str, required: bool = False) -> None:
+        """Check the pair `{prefix}_frac` / `{prefix}_bytes` (exactly one given when `required`, else at most one)
+        and turn a size given as text into its byte count."""
+        frac_name, bytes_name = f"{prefix}_frac", f"{prefix}_bytes"
+        frac, nbytes = getattr(self, frac_name), getattr(self, bytes_name)
+        if (frac is not None and nbytes is not None) or (required and frac is None and nbytes is None):
             raise ValueError(
-                f"give at most one of draft_frac and draft_bytes (got draft_frac={self.draft_frac!r}, "
-                f"draft_bytes={self.draft_bytes!r})"
+                f"give {'exactly' if required else 'at most'} one of {frac_name} and {bytes_name} (got "
+                f"{frac_name}={frac!r}, {bytes_name}={nbytes!r})"
             )
-        if self.draft_frac is not None and not (is_number(self.draft_frac) and 0 < self.draft_frac <= 1):
-            raise ValueError(f"draft_frac must be a number with 0 < draft_frac <= 1, got {self.draft_frac!r}")
-        if self.draft_bytes is not None:
-            object.__setattr__(self, "draft_bytes", parse_size(self.draft_bytes, "draft_bytes"))
+        if frac is not None and not (is_number(frac) and 0 < frac <= 1):
+            raise ValueError(f"{frac_name} must be a number with 0 < {frac_name} <= 1, got {frac!r}")
+        if nbytes is not None:
+            object.__setattr__(self, bytes_name, parse_size(nbytes, bytes_name))
+
+    def _check_draft(self) -> None:
+        self._check_size("draft")
 
     def _check_lower_tiers(self) -> None:
         """Check storage, the host tier and the disk; turn the host cache's size and policy into their types."""
         storages = self.storages()
         if self.storage not in storages:
             raise ValueError(f"storage {self.storage!r} is not available; available: {', '.join(storages)}")
-        frac, nbytes = self.host_cache_frac, self.host_cache_bytes
-        if frac is not None and nbytes is not None:
-            raise ValueError(
-                f"give at most one of host_cache_frac and host_cache_bytes (got host_cache_frac={frac!r}, "
-                f"host_cache_bytes={nbytes!r})"
-            )
-        if frac is not None and not (is_number(frac) and 0 < frac <= 1):
-            raise ValueError(f"host_cache_frac must be a number with 0 < host_cache_frac <= 1, got {frac!r}")
-        if nbytes is not None:
-            object.__setattr__(self, "host_cache_bytes", parse_size(nbytes, "host_cache_bytes"))
+        self._check_size("host_cache")
         if self.has_host_tier and self.storage != "disk":
             raise ValueError(
                 "host_cache_frac and host_cache_bytes size a host-RAM tier between the disk and the cache: they need "

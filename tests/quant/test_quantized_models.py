@@ -8,7 +8,9 @@ import random
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -146,37 +148,50 @@ def test_info_counts_capacity_at_full_precision() -> None:
 
 
 # ---- the arena with several size classes, under real tensors -------------------------------------------
-def test_mixed_precisions_through_engine_payload_and_arena(checkpoint: Path) -> None:
-    """Random requests at three precisions through the engine (LRU) into a compacting arena: every expert
-    computes exactly as straight from the store, resident bytes never exceed the capacity."""
-    precisions = ("fp32", "int8", "hqq2")
-    formats = {p: get_format(p) for p in precisions}
+MIXED = ("fp32", "int8", "hqq2")
+
+
+def mixed_store(checkpoint: Path) -> tuple[dict[str, Any], RamStore, dict[str, int], int, SlotArena]:
+    """The tiny model's experts at three precisions in RAM: formats, store, bytes per precision, a capacity of
+    three fp32 experts' room and an arena for it (mixed sizes fragment it)."""
+    formats = {p: get_format(p) for p in MIXED}
     experts = ExpertCheckpoint(checkpoint_files(checkpoint), MLP_EXPERT_KEYS, range(4), 16, TINY_SHAPE)
     store = RamStore.build(experts, list(formats.values()), TINY_SHAPE, pin=False, progress=False)
     sizes = {p: fmt.nbytes(TINY_SHAPE) for p, fmt in formats.items()}
     capacity = 3 * sizes["fp32"] + 100
-    arena = SlotArena(capacity, sizes.values(), torch.device("cpu"))
+    return formats, store, sizes, capacity, SlotArena(capacity, sizes.values(), torch.device("cpu"))
+
+
+def random_requests(cache: ExpertCache, sizes: dict[str, int]) -> Iterator[ExpertKey]:
+    """Random experts at random precisions made resident (LRU room) one after another; yields each."""
+    rng = random.Random(0)
+    for step in range(1, 400):
+        key = ExpertKey(rng.randrange(4), rng.randrange(16), rng.choice(MIXED))
+        tick = Tick(step, step, key.layer, float(step))
+        if key not in cache:
+            assert cache.make_room(sizes[key.precision], tick) is not None
+            cache.insert(key, tick, ready_at=float(step))
+        else:
+            cache.touch(key, tick)
+        yield key
+
+
+def test_mixed_precisions_through_engine_payload_and_arena(checkpoint: Path) -> None:
+    """Random requests at three precisions through the engine (LRU) into a compacting arena: every expert
+    computes exactly as straight from the store, resident bytes never exceed the capacity."""
+    formats, store, sizes, capacity, arena = mixed_store(checkpoint)
     watchdog = Watchdog()
     try:
         payload = LivePayload(store, arena, watchdog, CpuCopier(), formats, TINY_SHAPE)
-        cache = ExpertCache(
-            capacity, PolicySpec.parse("none/lru/fetch/standard").build().eviction, sizes, listener=payload
-        )
+        lru = PolicySpec.parse("none/lru/fetch/standard").build().eviction
+        cache = ExpertCache(capacity, lru, sizes, listener=payload)
         x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
-        rng = random.Random(0)
 
         class Job:
             def compute(self, expert: int, weights: object, fmt: object) -> None:
                 self.out = fmt.forward(x, weights, F.silu)  # type: ignore[attr-defined]
 
-        for step in range(1, 400):
-            key = ExpertKey(rng.randrange(4), rng.randrange(16), rng.choice(precisions))
-            tick = Tick(step, step, key.layer, float(step))
-            if key not in cache:
-                assert cache.make_room(sizes[key.precision], tick) is not None
-                cache.insert(key, tick, ready_at=float(step))
-            else:
-                cache.touch(key, tick)
+        for key in random_requests(cache, sizes):
             job = Job()
             payload.compute(key, job, key.expert)
             fmt = formats[key.precision]
@@ -189,29 +204,14 @@ def test_mixed_precisions_through_engine_payload_and_arena(checkpoint: Path) -> 
 
 def test_mixed_precisions_through_a_host_tier_that_compacts(checkpoint: Path) -> None:
     """A host-RAM tier holding experts at three precisions compacts its arena as it fills; every copy out of it
-    (read while blocks move) gives exactly the expert's stored bytes."""
-    precisions = ("fp32", "int8", "hqq2")
-    formats = {p: get_format(p) for p in precisions}
-    experts = ExpertCheckpoint(checkpoint_files(checkpoint), MLP_EXPERT_KEYS, range(4), 16, TINY_SHAPE)
-    store = RamStore.build(experts, list(formats.values()), TINY_SHAPE, pin=False, progress=False)
-    sizes = {p: fmt.nbytes(TINY_SHAPE) for p, fmt in formats.items()}
-    capacity = 3 * sizes["fp32"] + 100
-    arena = SlotArena(capacity, sizes.values(), torch.device("cpu"))
+    gives exactly the expert's stored bytes."""
+    _, store, sizes, capacity, arena = mixed_store(checkpoint)
     watchdog = Watchdog()
     try:
         host = HostTier(store, arena, watchdog, timeout_s=30.0)
-        cache = ExpertCache(
-            capacity, PolicySpec.parse("none/lru/fetch/standard").build().eviction, sizes, listener=host
-        )
-        rng = random.Random(0)
-        for step in range(1, 400):
-            key = ExpertKey(rng.randrange(4), rng.randrange(16), rng.choice(precisions))
-            tick = Tick(step, step, key.layer, float(step))
-            if key not in cache:
-                assert cache.make_room(sizes[key.precision], tick) is not None
-                cache.insert(key, tick, ready_at=float(step))
-            else:
-                cache.touch(key, tick)
+        lru = PolicySpec.parse("none/lru/fetch/standard").build().eviction
+        cache = ExpertCache(capacity, lru, sizes, listener=host)
+        for key in random_requests(cache, sizes):
             copied = torch.empty(sizes[key.precision], dtype=torch.uint8)
             host.read_into(key, copied, CpuCopier()).synchronize()
             assert torch.equal(copied, store[key].reshape(-1).view(torch.uint8)), key
