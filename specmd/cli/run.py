@@ -110,9 +110,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         what.add_row(speculative["label"], speculative["note"])
         cli.out.print("\nWhat to notice:")
         cli.out.print(what, highlight=False)
+        speed = live.wall_tokens_per_s
         cli.out.print(
-            f"\nThe model ran once, with {DEMO_ROWS[0]}, at {live.wall_tokens_per_s:,.0f} tokens/s on this machine; "
-            "each row replays the routing it recorded (the same counters a live run of that mix gives).",
+            f"\nThe model ran once, with {DEMO_ROWS[0]}, at {speed:,.{0 if speed >= 10 else 1}f} tokens/s on this "
+            "machine; each row replays the routing it recorded (the same counters a live run of that mix gives).",
             style="dim",
         )
     return 0
