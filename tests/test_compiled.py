@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import runpy
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -10,11 +11,24 @@ from pathlib import Path
 
 import pytest
 
+from specmd.cache.clock import ModelShape, PassInfo
+from specmd.cache.stats import StatsRecorder
 from specmd.compiled import MODULES, compiled_modules, is_compiled, stale_extensions
 
 
 def test_the_engine_modules_are_compiled_all_or_none() -> None:
     assert compiled_modules() in ([], list(MODULES))
+
+
+def test_the_engine_s_frozen_records_pickle_compiled_or_not() -> None:
+    """Results and pass records cross process boundaries (sweep workers, Ray, data-parallel ranks); mypyc's
+    frozen dataclasses cannot be unpickled field by field, so they rebuild through their constructors."""
+    recorder = StatsRecorder([0, 1])
+    recorder.record_verify(3, 2)
+    stats = recorder.snapshot(10, 20)
+    shape = ModelShape(2, 8, 4, (10, 10), 5, 3, 2)
+    for record in (PassInfo.for_sequences([3, 0], [2, 1]), shape, stats):
+        assert pickle.loads(pickle.dumps(record)) == record
 
 
 def test_the_run_uses_the_build_it_expects() -> None:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
+from specmd.cache.keys import rebuilt
+
 WallClock = Callable[[], float]
 wall_clock: WallClock = time.perf_counter  # the only place under cache/ that reads real time
 
@@ -38,6 +40,9 @@ class ModelShape:
     head_params: int
     expert_params: int
     dtype_bytes: int
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return rebuilt(self)
 
     def __post_init__(self) -> None:
         self.check(asdict(self))
@@ -91,6 +96,9 @@ class PassInfo:
     attended: int
     context: int
     prefill: bool
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return rebuilt(self)
 
     @classmethod
     def for_sequences(cls, past: list[int], new: list[int]) -> PassInfo:

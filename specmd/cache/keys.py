@@ -1,8 +1,10 @@
-"""The names the engine and every policy share: expert keys and the logical clock tick."""
+"""The names the engine and every policy share: expert keys and the logical clock tick (and how the engine's
+frozen dataclasses pickle)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import fields
+from typing import Any, NamedTuple
 
 
 class ExpertKey(NamedTuple):
@@ -47,3 +49,9 @@ class Tick:
 
 
 START = Tick(step=0, pass_idx=0, layer=-1, time_s=0.0)
+
+
+def rebuilt(obj: Any) -> tuple[Any, tuple[Any, ...]]:
+    """The `__reduce__` of a frozen dataclass: pickled as its fields and rebuilt by its constructor (a frozen
+    dataclass compiled with mypyc cannot be unpickled field by field)."""
+    return type(obj), tuple(getattr(obj, f.name) for f in fields(obj))

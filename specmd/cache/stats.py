@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from specmd.cache.keys import rebuilt
+
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
@@ -136,6 +138,9 @@ class CacheStats:
     speculate_k: list[int] = field(default_factory=list)
     draft_capacity_bytes: int = 0
     draft_peak_resident_bytes: int = 0
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return rebuilt(self)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
