@@ -27,6 +27,7 @@ def specmd(cache_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
+@pytest.mark.launch
 def test_demo_tells_the_papers_story_from_one_run(cache_dir: Path) -> None:
     run = specmd(cache_dir, "demo", "--max-new-tokens", "6", "--json")
     assert run.returncode == 0, run.stderr

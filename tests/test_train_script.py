@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from specmd import OffloadOLMoE
 
+pytestmark = pytest.mark.launch  # the training script
 SCRIPT = Path(__file__).parents[1] / "scripts" / "train_tiny_moe.py"
 TINY = [
     "--max-files", "30", "--vocab-size", "300", "--hidden-size", "32", "--layers", "2", "--heads", "2",

@@ -28,6 +28,7 @@ from specmd.cache.stats import _SUMMED
 from specmd.eval_tasks import TASK_DIR
 from specmd.eval_tasks.run import evaluate
 
+pytestmark = pytest.mark.launch  # accelerate and `specmd eval` start the ranks as subprocesses
 TASKS = ("specmd_nq_open", "specmd_truthfulqa_gen")
 POLICY = "none/lru/fetch/standard"  # no prefetch: a fetch is a demand miss, of one expert's bytes
 DOCUMENTS, GEN_TOKS = 4, 8  # the fixtures hold 4 documents per task: 2 per rank, no padding requests

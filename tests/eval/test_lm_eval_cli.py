@@ -11,6 +11,7 @@ import pytest
 
 from specmd.eval_tasks import TASK_DIR
 
+pytestmark = pytest.mark.launch  # the stock `lm_eval` script, in subprocesses
 TASKS = ("specmd_gsm8k", "specmd_truthfulqa_gen", "specmd_nq_open")
 SCORES = {
     "specmd_gsm8k": ("exact_match,strict-match", "exact_match,flexible-extract"),

@@ -185,6 +185,7 @@ print(peak() - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.launch
 def test_peak_rss_stays_far_below_the_experts(tmp_path: Path) -> None:
     """A model with 384 MiB of experts: loading it with storage='ram' raises the peak RSS by all of them,
     with storage='disk' by a small part (the 5% cache, the dense weights, and some 35-55 MB the first load
