@@ -215,3 +215,16 @@ def test_a_plain_replay_of_a_lookahead_trace_is_that_of_its_own_routing(recorded
     plain = replace(trace, chains=[], _passes={})
     assert plain.lookahead == 0
     assert replay(plain, cache_frac=0.5).to_dict() == replay(trace, cache_frac=0.5).to_dict()
+
+
+def test_a_grid_file_sweeps_speculation_beside_plain_decoding(recorded: tuple, tmp_path: Path) -> None:
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(
+        f'traces = ["{recorded[0]}"]\npolicies = ["none/lru/fetch/standard"]\ncache_frac = [0.5]\n'
+        'speculate = ["off", 2, "auto:3"]\ndraft_frac = 0.3\nbaselines = false\n'
+    )
+    grid = SweepGrid.from_toml(grid_file)
+    assert grid.speculate == (None, 2, "auto:3") and grid.draft_frac == 0.3
+    assert sorted(str(run.speculate) for run in grid.runs()) == ["2", "None", "auto:3"]
+    with pytest.raises(ValueError, match="speculative must be a whole number"):
+        SweepGrid.from_toml(grid_file, speculate=("sometimes",))
