@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from transformers import OlmoeConfig, OlmoeForCausalLM
 # OpenMP's barrier waits for it make every small matmul take milliseconds.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the same for the subprocesses tests start
+
+# Started in the background of a non-interactive shell, the run inherits Ctrl-C ignored (and so would the processes
+# it starts); the Ctrl-C tests need it delivered as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TINY = dict(
     vocab_size=96,
