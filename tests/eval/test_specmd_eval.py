@@ -39,6 +39,21 @@ def test_specmd_eval_prints_scores_and_cache_metrics(
         assert stats["lm_eval_requests"] == 2 and stats["requests"] > 0 and stats["decode_tokens"] > 0
 
 
+def test_specmd_eval_speculates_with_a_self_draft(
+    eval_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SPECMD_EVAL_DATA", raising=False)
+    monkeypatch.setattr(cli, "out", Console(width=200))
+    args = ["eval", str(eval_model), "--tasks", "specmd_nq_open", "--limit", "2", "--max-gen-toks", "6",
+            "--device", "cpu", "--speculate", "2", "--draft-precision", "int2", "--json",
+            "--out", str(tmp_path / "r.json")]  # fmt: skip
+    assert cli.main(args) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    stats = result["config"]["specmd"]["tasks"]["specmd_nq_open"]
+    assert stats["lm_eval_requests"] == 2 and stats["verify_passes"] > 0 and stats["drafted_tokens"] > 0
+    assert len(stats["speculate_k"]) == stats["verify_passes"] and stats["draft_capacity_bytes"] > 0
+
+
 def test_print_task_dir(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["eval", "--print-task-dir"]) == 0
     assert capsys.readouterr().out.strip() == str(TASK_DIR)
