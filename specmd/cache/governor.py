@@ -7,7 +7,8 @@ for every K in 0..K_max, and picks the best rate:
     cost(K)   = K * c_draft + verify(K + 1) + max(0, L * m * u(K + 1) * t_x - K * c_draft)
     u(n)      = E * (1 - (1 - k / E)^(1 + r * (n - 1)))
 
-a is the running acceptance rate (accepted / drafted tokens, older steps weighing less), c_draft the measured
+a is the running per-draft acceptance (accepted drafts / drafts verification judged: those up to and including
+the first rejected, since the ones after it were never tested; older steps weighing less), c_draft the measured
 emulated time of one draft pass, verify(n) the compute of a pass over n tokens on the hardware profile
 (roofline: dense layers, u(n) experts per MoE layer, the head), L the MoE layers, E and k the experts per layer
 and per token, and u(n) the distinct experts n consecutive tokens route to: as many as 1 + r * (n - 1) tokens
@@ -158,7 +159,7 @@ class AmortizationGovernor:
         k, before, after = outcome.k, outcome.before, outcome.after
         if k:
             self._accepted = _MEMORY * self._accepted + outcome.kept
-            self._drafted = _MEMORY * self._drafted + k
+            self._drafted = _MEMORY * self._drafted + min(k, outcome.kept + 1)  # the drafts verification judged
         requests = after.requests - before.requests
         if requests:
             self._miss = _blend(self._miss, (after.transferred - before.transferred) / requests)
