@@ -37,13 +37,13 @@ test: lint
 # changes (specmd/sim/sweep_ray.py).
 # mypy as pyproject.toml's [build-system] pins it (a build compiles the engine where it can; see README)
 MYPY_VERSION ?= 2.4.1
+# (the trap runs the removal itself: a `$(MAKE)` in the recipe line would make `make -n` run the line for real)
+CLEAN_COMPILED = find specmd -name '*.so' -delete; rm -f ./*__mypyc.*.so; rm -rf build
 test-compiled: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet mypy==$(MYPY_VERSION)
-	trap '$(MAKE) --no-print-directory clean-compiled' EXIT; \
+	trap "$(CLEAN_COMPILED)" EXIT; \
 	SPECMD_COMPILE=1 $(BIN)/python setup.py --quiet build_ext --inplace && \
 	SPECMD_EXPECT_COMPILED=1 PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m 'not launch'
 
 clean-compiled:
-	find specmd -name '*.so' -delete
-	rm -f ./*__mypyc.*.so
-	rm -rf build
+	$(CLEAN_COMPILED)
