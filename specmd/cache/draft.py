@@ -14,9 +14,11 @@ first, highest routing weight first.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from specmd.cache.manager import CacheManager, Payload
+from specmd.cache.stats import CacheStats
 
 
 class DraftPayload(Payload, Protocol):
@@ -57,6 +59,15 @@ class SelfDraft:
             fresh.attach(self.payload)
         self.manager = fresh
         return fresh
+
+    def stats_of(self, target: CacheManager) -> CacheStats:
+        """The target's counters with the draft's fast memory (its capacity and peak) beside them."""
+        cache = self.manager.cache
+        return replace(
+            target.snapshot(),
+            draft_capacity_bytes=cache.capacity_bytes,
+            draft_peak_resident_bytes=cache.peak_resident_bytes,
+        )
 
     def begin(self, target: CacheManager) -> None:
         """Drafting starts where the target's clock is, on the target's link (one host link for both)."""

@@ -495,13 +495,7 @@ class OffloadMixin:
     def cache_stats(self) -> CacheStats:
         """Counters since loading or the last `reset_cache_stats()` (with the self-draft's fast memory, if any)."""
         runtime = self._runtime()
-        stats = runtime.manager.snapshot()
-        if runtime.draft is not None:
-            cache = runtime.draft.manager.cache
-            stats = replace(
-                stats, draft_capacity_bytes=cache.capacity_bytes, draft_peak_resident_bytes=cache.peak_resident_bytes
-            )
-        return stats
+        return runtime.manager.snapshot() if runtime.draft is None else runtime.draft.stats_of(runtime.manager)
 
     def draft_cache_stats(self) -> CacheStats:
         """The self-draft's own cache counters (its passes, hits and transfers); an error without a draft."""

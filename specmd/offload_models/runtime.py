@@ -87,6 +87,7 @@ class OffloadRuntime:
         self.meta = dict(meta)
         self.predictor = predictor
         self.observers: list[RoutingObserver] = []
+        self._watching: list[RoutingObserver] = []  # during a pass: the observers it tells (`_observers_of_pass`)
         self._routers = dict(routers)
         self._following = dict(pairwise(sorted(routers)))  # MoE layer -> the next MoE layer
         self._next_layer = predictor if isinstance(predictor, NextLayerRouter) else NextLayerRouter(routers)
@@ -107,7 +108,7 @@ class OffloadRuntime:
         self.manager.begin_pass(info)
         self._token_mask = token_mask
         self._last_tokens = [end - 1 for end, n in zip(accumulate(news), news, strict=True) if n]
-        watching = self._watching()
+        watching = self._watching = self._observers_of_pass()
         try:
             if watching:
                 rows = [(row, pasts[row] + j) for row in range(batch) for j in range(news[row])]
@@ -128,8 +129,9 @@ class OffloadRuntime:
             self._dirty = False
         finally:
             self._token_mask = None
+            self._watching = []
 
-    def _watching(self) -> list[RoutingObserver]:
+    def _observers_of_pass(self) -> list[RoutingObserver]:
         """The observers of this pass: all of them, or in a draft pass those that see drafts (`begin_draft_pass`)."""
         if self._target is None:
             return self.observers
@@ -172,7 +174,7 @@ class OffloadRuntime:
         requests = {expert: n for expert, n in enumerate(counts) if n}
 
         target = self._target
-        observing, default = bool(self._watching()), self.predictor is self._next_layer
+        observing, default = bool(self._watching), self.predictor is self._next_layer
         found = None
         if manager.wants_predictions or (observing and not default):
             found = self.predictor.predict(layer, real, self._last_tokens, manager.prediction_targets(layer))
@@ -239,7 +241,7 @@ class OffloadRuntime:
         if not default and found is not None:
             extra = {target: (list(tokens), logits.tolist()) for target, (tokens, logits) in found.items()}
         experts, chosen, logits = routed.tolist(), weights.tolist(), own.tolist()
-        for observer in self._watching():
+        for observer in self._watching:
             observer.layer(layer, experts, chosen, logits, next_logits, extra)
 
     def steer_routing(self, contract: SoftmaxTopK, config: PretrainedConfig, top_k: int) -> None:

@@ -114,11 +114,7 @@ def run_speculative(
             target.stats.record_verify(k, new - 1)
             governor.update(VerifyOutcome(k, kept, before, Counters.of(target)))
             position += new
-    stats = target.snapshot()
-    cache = draft.manager.cache
-    return replace(
-        stats, draft_capacity_bytes=cache.capacity_bytes, draft_peak_resident_bytes=cache.peak_resident_bytes
-    )
+    return draft.stats_of(target)
 
 
 def _sequences(trace: Trace) -> list[tuple[int, list[TraceEvent], dict[int, list[TraceEvent]]]]:
